@@ -1,0 +1,1 @@
+"""Planning: recomputation policies, partitioning and the Plan artifact (pure Python)."""

@@ -1,0 +1,65 @@
+"""Turn recompute placements into R actions inside a pipeline order (SPEC §4)."""
+
+from __future__ import annotations
+
+from lynxpipe.cost.graph import LayerGraph
+from lynxpipe.plan.policy import LayerPolicy, stage_layers
+from lynxpipe.schedule.actions import Action, PipelineOrder, Window
+
+TaskKey = tuple[int, int, int]
+"""(micro-batch, global layer, segment)."""
+
+ON_DEMAND = Window("on_demand")
+
+
+def required_tasks(graph: LayerGraph, layers: tuple[LayerPolicy, ...],
+                   num_microbatches: int) -> list[TaskKey]:
+    """Every recompute task the policies imply, one per (micro-batch, layer, segment)."""
+    per_layer: list[list[int]] = []
+    for pol in layers:
+        if pol.full:
+            per_layer.append([-1])
+        else:
+            per_layer.append(sorted({graph.tensor(n).segment for n in pol.dropped}))
+    return [(mb, layer, seg) for mb in range(num_microbatches)
+            for layer, segs in enumerate(per_layer) for seg in segs]
+
+
+def _host(action: Action, window: Window) -> bool:
+    """Is `action` the one whose execution contains `window`?"""
+    if window.kind == "fwd_coll":
+        return action.kind == "F" and (action.mb, action.stage) == (window.mb, window.stage)
+    if window.kind == "bwd_coll":
+        return action.kind == "B" and (action.mb, action.stage) == (window.mb, window.stage)
+    if window.kind == "recv":
+        return action.kind == window.recv and (action.mb, action.stage) == (window.mb, window.stage)
+    return False
+
+
+def insert_recompute(order: PipelineOrder, partition: tuple[int, ...], graph: LayerGraph,
+                     layers: tuple[LayerPolicy, ...],
+                     placement: dict[TaskKey, Window]) -> PipelineOrder:
+    """Insert an R action before the action hosting each task's window (on demand: before B)."""
+    stage_of = {g: s for s, rng in enumerate(stage_layers(partition)) for g in rng}
+    by_host: dict[tuple[str, int, int, str], list[Action]] = {}
+    for key in required_tasks(graph, layers, order.num_microbatches):
+        mb, layer, seg = key
+        window = placement.get(key, ON_DEMAND)
+        if window.kind == "on_demand":
+            host = ("B", mb, stage_of[layer], "")
+        else:
+            kind = {"fwd_coll": "F", "bwd_coll": "B", "recv": window.recv}[window.kind]
+            host = (kind, window.mb, window.stage, "")
+        by_host.setdefault(host, []).append(Action("R", mb, stage_of[layer], layer, seg, window))
+    ranks = []
+    for actions in order.ranks:
+        out: list[Action] = []
+        for action in actions:
+            out.extend(by_host.pop((action.kind, action.mb, action.stage, ""), []))
+            out.append(action)
+        ranks.append(tuple(out))
+    if by_host:
+        host = next(iter(by_host))
+        raise ValueError(f"recompute window host {host} is not in the pipeline order")
+    return PipelineOrder(order.schedule, order.pp, order.virtual_stages, order.num_microbatches,
+                         tuple(ranks))

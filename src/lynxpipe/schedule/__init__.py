@@ -1,0 +1,1 @@
+"""Pipeline orders as data: per-rank action lists shared by the simulator and the runtime."""

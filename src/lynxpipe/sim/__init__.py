@@ -1,0 +1,1 @@
+"""Discrete-event simulation of per-rank action lists (SPEC §6). Pure Python."""

@@ -1,0 +1,76 @@
+"""Simulation results: per-rank breakdown, memory timeline and trace events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One interval on a rank's compute or communication stream."""
+
+    rank: int
+    """Pipeline rank."""
+    stream: str
+    """'compute' or 'comm'."""
+    name: str
+    """Label, e.g. F3 s1 or R mb2 L5 seg0."""
+    cat: str
+    """forward, backward, tp_comm, p2p, recompute_hidden, recompute_exposed, idle."""
+    start_ms: float
+    """Start time."""
+    dur_ms: float
+    """Duration."""
+
+
+@dataclass(frozen=True)
+class RankStats:
+    """Where one pipeline rank's step time went (SPEC §6)."""
+
+    rank: int
+    """Pipeline rank."""
+    compute_ms: float
+    """Forward + backward compute (recompute excluded)."""
+    comm_exposed_ms: float
+    """Compute stream blocked on TP collectives and not filled with recompute."""
+    idle_ms: float
+    """Waiting for pipeline neighbours (bubbles), not filled with recompute, incl. end idle."""
+    recompute_hidden_ms: float
+    """Recompute that ran inside a window."""
+    recompute_exposed_ms: float
+    """Recompute on the critical path (on demand or window overflow)."""
+    tail_ms: float
+    """DP gradient all-reduce and optimizer step."""
+    peak_activation_bytes: int
+    """Peak of kept + regenerated activations (what the runtime's memory meter counts)."""
+    static_bytes: int
+    """Parameters, gradients and optimizer state."""
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """Static + peak activation bytes."""
+        return self.static_bytes + self.peak_activation_bytes
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Outcome of simulating one training step."""
+
+    step_time_ms: float
+    """Time of the slowest rank, DP sync and optimizer included."""
+    ranks: tuple[RankStats, ...]
+    """Per pipeline rank breakdown."""
+    memory_timeline: tuple[tuple[tuple[float, int], ...], ...]
+    """Per rank: (time_ms, activation bytes) after every change."""
+    events: tuple[TraceEvent, ...] = ()
+    """Trace events (empty unless requested)."""
+
+    @property
+    def recompute_exposed_ms(self) -> float:
+        """Largest per-rank exposed recompute (ms)."""
+        return max((r.recompute_exposed_ms for r in self.ranks), default=0.0)
+
+    @property
+    def recompute_hidden_ms(self) -> float:
+        """Largest per-rank hidden recompute (ms)."""
+        return max((r.recompute_hidden_ms for r in self.ranks), default=0.0)

@@ -1,0 +1,93 @@
+"""Parallel layout (TP, PP, DP, micro-batching, schedule) and its validation against a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lynxpipe.errors import LynxError
+from lynxpipe.specs.cluster import ClusterSpec
+from lynxpipe.specs.model import ModelSpec
+
+Schedule = Literal["gpipe", "1f1b", "interleaved"]
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """How one training step is laid out over devices."""
+
+    tp: int = 1
+    """Tensor-parallel degree t (Megatron column/row-parallel layers)."""
+    pp: int = 1
+    """Pipeline-parallel degree p (number of pipeline ranks)."""
+    dp: int = 1
+    """Data-parallel degree d."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (shards norms/dropout over TP; AG/RS instead of AR)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch b."""
+    num_microbatches: int = 8
+    """Micro-batches per step m (per DP replica)."""
+    seq_len: int = 2048
+    """Sequence length s."""
+    schedule: Schedule = "1f1b"
+    """Pipeline order: gpipe, 1f1b (PipeDream-flush) or interleaved 1F1B."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved only; 1 otherwise)."""
+    distributed_optimizer: bool = False
+    """Shard fp32 master weights and Adam state over DP (Megatron distributed optimizer)."""
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "dp", "micro_batch_size", "num_microbatches", "seq_len",
+                    "virtual_stages"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LynxError(f"{key}={value!r} must be a positive integer")
+        if self.schedule not in SCHEDULES:
+            raise LynxError(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+        if self.schedule != "interleaved" and self.virtual_stages != 1:
+            raise LynxError(f"virtual_stages={self.virtual_stages} needs schedule=interleaved")
+        if self.schedule == "interleaved":
+            if self.virtual_stages < 2:
+                raise LynxError("schedule=interleaved needs virtual_stages >= 2")
+            if self.num_microbatches % self.pp:
+                raise LynxError(f"interleaved 1F1B needs num_microbatches={self.num_microbatches} "
+                                f"to be a multiple of pp={self.pp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise LynxError("sequence_parallel needs tp > 1")
+
+    @property
+    def devices(self) -> int:
+        """Total devices tp * pp * dp."""
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_chunks(self) -> int:
+        """Pipeline model chunks in all (pp * virtual_stages)."""
+        return self.pp * self.virtual_stages
+
+
+def validate_layout(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
+                    devices: int | None = None) -> None:
+    """Raise LynxError with the rule that `par` breaks for this model/cluster, if any."""
+    if model.num_heads % par.tp:
+        raise LynxError(f"tp={par.tp} does not divide num_heads={model.num_heads} of {model.name}; "
+                        f"choose tp among the divisors of {model.num_heads}")
+    if model.num_kv_heads % par.tp and par.tp % model.num_kv_heads:
+        raise LynxError(f"tp={par.tp} and num_kv_heads={model.num_kv_heads} of {model.name} "
+                        f"must divide one another")
+    if model.ffn_hidden_size % par.tp or model.vocab_size % par.tp:
+        raise LynxError(f"tp={par.tp} must divide ffn_hidden_size={model.ffn_hidden_size} "
+                        f"and vocab_size={model.vocab_size}")
+    if par.num_chunks > model.num_layers:
+        raise LynxError(f"pp*virtual_stages={par.num_chunks} is larger than num_layers="
+                        f"{model.num_layers} of {model.name}; every stage needs a layer")
+    if par.sequence_parallel and par.seq_len % par.tp:
+        raise LynxError(f"sequence_parallel needs seq_len={par.seq_len} divisible by tp={par.tp}")
+    if devices is not None and devices != par.devices:
+        raise LynxError(f"devices={devices} does not match tp*pp*dp = {par.tp}*{par.pp}*{par.dp}"
+                        f" = {par.devices}")
+    if par.tp > cluster.devices_per_node:
+        raise LynxError(f"tp={par.tp} exceeds devices_per_node={cluster.devices_per_node} of "
+                        f"{cluster.name}; keep tensor parallelism inside a node")

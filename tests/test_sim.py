@@ -1,0 +1,126 @@
+"""Simulator: exact toy cases, windows, on-demand recompute, memory and deadlock detection."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import toy_costs
+from lynxpipe.errors import LynxError
+from lynxpipe.plan.policy import FULL, KEEP_ALL, LayerPolicy
+from lynxpipe.plan.recompute import insert_recompute
+from lynxpipe.schedule.actions import Action, PipelineOrder, Window
+from lynxpipe.schedule.orders import make_order
+from lynxpipe.sim.engine import simulate
+
+
+def _run(costs, pp, m, layers_per_stage=1, policies=None, schedule="1f1b", v=1, placement=None,
+         trace=False):
+    order = make_order(schedule, pp, v, m)
+    partition = (layers_per_stage,) * (pp * v)
+    layers = policies or (KEEP_ALL,) * sum(partition)
+    order = insert_recompute(order, partition, costs.layer.graph, layers, placement or {})
+    return simulate(costs, partition, layers, order, trace=trace)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pp=st.integers(1, 6), m=st.integers(1, 12), schedule=st.sampled_from(["1f1b", "gpipe"]))
+def test_pipeline_step_time_is_exact(pp, m, schedule):
+    sim = _run(toy_costs(fwd_ms=1.0, bwd_ms=2.0), pp, m, schedule=schedule)
+    assert sim.step_time_ms == pytest.approx((m + pp - 1) * 3.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pp=st.integers(1, 6), m=st.integers(1, 12))
+def test_1f1b_peak_holds_min_p_minus_i_m_microbatches(pp, m):
+    costs = toy_costs()
+    sim = _run(costs, pp, m, layers_per_stage=2)
+    per_mb = 2 * costs.layer.graph.saved_bytes()
+    for rank, stats in enumerate(sim.ranks):
+        extra = costs.embed.graph.saved_bytes() if rank == 0 else 0
+        extra += costs.head.graph.saved_bytes() if rank == pp - 1 else 0
+        assert stats.peak_activation_bytes == min(pp - rank, m) * per_mb + extra * min(pp - rank, m)
+
+
+def test_gpipe_holds_all_microbatches():
+    costs = toy_costs()
+    sim = _run(costs, 2, 5, schedule="gpipe")
+    assert sim.ranks[1].peak_activation_bytes == 5 * (costs.layer.graph.saved_bytes()
+                                                       + costs.head.graph.saved_bytes())
+
+
+def test_interleaved_step_time():
+    sim = _run(toy_costs(fwd_ms=1.0, bwd_ms=2.0), 2, 4, schedule="interleaved", v=2)
+    assert sim.step_time_ms == pytest.approx((4 * 2 + 2 - 1) * 3.0)
+
+
+def test_on_demand_recompute_is_exposed_and_counted():
+    costs = toy_costs(fwd_ms=1.0, bwd_ms=2.0)
+    base = _run(costs, 1, 3, layers_per_stage=2)
+    full = _run(costs, 1, 3, layers_per_stage=2, policies=(FULL, FULL))
+    # full recompute replays the forward (collectives free here): +1 ms per layer per micro-batch
+    assert full.step_time_ms == pytest.approx(base.step_time_ms + 2 * 3 * 1.0)
+    assert full.ranks[0].recompute_exposed_ms == pytest.approx(6.0)
+    assert full.ranks[0].peak_activation_bytes < base.ranks[0].peak_activation_bytes
+
+
+def test_window_hides_recompute_and_overflow_is_exposed():
+    costs = toy_costs(tp=2, fwd_ms=1.0, bwd_ms=2.0, coll_ms=0.5)
+    drop = LayerPolicy(frozenset({"fc1_out", "gelu_out"}))  # segment 1: fc1 + gelu
+    seg_ms = costs.layer.recompute_ms(drop.dropped, 1)
+    layers = (KEEP_ALL, drop)
+    none = _run(costs, 1, 1, layers_per_stage=2)
+    ondemand = _run(costs, 1, 1, layers_per_stage=2, policies=layers)
+    assert ondemand.step_time_ms == pytest.approx(none.step_time_ms + seg_ms)
+    # with m=1 the only window before layer 1's backward is the head's (layer 2) backward one
+    window = Window("bwd_coll", 0, 0, 2, _head_bwd_coll_step(costs))
+    placed = _run(costs, 1, 1, layers_per_stage=2, policies=layers,
+                  placement={(0, 1, 1): window})
+    capacity = costs.head.coll_ms["logits_bwd_ar"] - costs.head.op_ms["logits"].wgrad_ms
+    hidden = min(seg_ms, 0.9 * max(0.0, capacity))
+    assert placed.ranks[0].recompute_hidden_ms == pytest.approx(hidden)
+    assert placed.step_time_ms == pytest.approx(none.step_time_ms + seg_ms - hidden)
+
+
+def _head_bwd_coll_step(costs):
+    return next(i for i, s in enumerate(costs.head.graph.bwd_steps) if s.kind == "coll")
+
+
+def test_forward_window_of_later_microbatch_hides_recompute():
+    costs = toy_costs(tp=2, fwd_ms=1.0, bwd_ms=2.0, coll_ms=2.0)
+    drop = LayerPolicy(frozenset({"probs", "probs_dropped"}))
+    seg_ms = costs.layer.recompute_ms(drop.dropped, 0)
+    # pp=2, stage 0: F0 F1 B0 ...: mb0's recompute fits in F1's first forward collective
+    window = Window("fwd_coll", 1, 0, 0, 1)
+    sim = _run(costs, 2, 4, policies=(drop, KEEP_ALL), placement={(0, 0, 0): window})
+    assert sim.ranks[0].recompute_hidden_ms == pytest.approx(seg_ms)
+    assert sim.ranks[0].recompute_exposed_ms == pytest.approx(3 * seg_ms)
+
+
+def test_trace_events_and_memory_return_to_zero():
+    sim = _run(toy_costs(tp=2, coll_ms=0.3, p2p_ms=0.2), 2, 4, trace=True,
+               policies=(FULL, LayerPolicy(frozenset({"probs"}))))
+    cats = {e.cat for e in sim.events}
+    assert {"forward", "backward", "p2p", "recompute_exposed", "tp_comm"} <= cats
+    assert all(timeline[-1][1] == 0 for timeline in sim.memory_timeline)
+
+
+def test_deadlock_is_reported():
+    costs = toy_costs()
+    order = PipelineOrder("custom", 2, 1, 1, (
+        (Action("RECV_B", 0, 0), Action("F", 0, 0), Action("SEND_F", 0, 0), Action("B", 0, 0)),
+        (Action("RECV_F", 0, 1), Action("F", 0, 1), Action("B", 0, 1), Action("SEND_B", 0, 1)),
+    ))
+    with pytest.raises(LynxError, match="deadlocks: rank 0 at RECV_B"):
+        simulate(costs, (1, 1), (KEEP_ALL, KEEP_ALL), order)
+
+
+def test_window_that_never_comes_is_rejected():
+    costs = toy_costs(tp=2, coll_ms=1.0)
+    drop = LayerPolicy(frozenset({"probs"}))
+    order = insert_recompute(make_order("1f1b", 1, 1, 2), (1,), costs.layer.graph, (drop,), {})
+    ranks = list(order.ranks[0])
+    r = next(a for a in ranks if a.kind == "R" and a.mb == 0)
+    # micro-batch 9 never runs, so its forward collective window never opens
+    ranks[ranks.index(r)] = Action("R", 0, 0, 0, 0, Window("fwd_coll", 9, 0, 0, 1))
+    order = PipelineOrder("1f1b", 1, 1, 2, (tuple(ranks),))
+    with pytest.raises(LynxError, match="never occurs"):
+        simulate(costs, (1,), (drop,), order)
