@@ -75,9 +75,21 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _canonical(value: Any) -> Any:
+    """Integral floats as ints, so 240e9 and 240000000000 hash alike after a JSON round trip."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
 def fingerprint(*parts: Any) -> str:
     """Stable short hash of dataclasses/values, used to tie artifacts to the specs they serve."""
-    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(_canonical([to_dict(p) for p in parts]), sort_keys=True,
+                      separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -55,6 +55,8 @@ class Tensor:
     """True when it can be regenerated from saved tensors of the layer without a collective."""
     last_use: str
     """Op whose backward uses it last (earliest in forward order); it is freed after that."""
+    used_by: tuple[str, ...] = ()
+    """Ops whose backward reads it; it must be present before the first of them runs."""
 
 
 @dataclass(frozen=True)

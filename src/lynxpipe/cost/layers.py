@@ -65,7 +65,7 @@ class _Builder:
         for name, size, producer, used_by, droppable in self.tensors:
             first = min(used_by, key=order.__getitem__)
             seg = self.ops[order[producer]].segment if producer else 0
-            tensors.append(Tensor(name, seg, size, producer, droppable, first))
+            tensors.append(Tensor(name, seg, size, producer, droppable, first, tuple(used_by)))
         bwd: list[Step] = []
         for op in reversed(self.ops):
             placement = bwd_colls.get(op.name)

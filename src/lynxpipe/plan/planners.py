@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from lynxpipe.errors import LynxError
+from lynxpipe.plan.checkmate import plan_adapipe, plan_checkmate
+from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.simple import plan_full, plan_full_block, plan_none, plan_selective
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.units import format_bytes
@@ -16,7 +18,16 @@ PLANNERS: dict[str, Planner] = {
     "full": plan_full,
     "full-block": plan_full_block,
     "selective": plan_selective,
+    "checkmate": plan_checkmate,
+    "adapipe": plan_adapipe,
+    "lynx-heu": plan_lynx_heu,
 }
+try:  # lynx-opt solves a larger MILP; registered when its module is present
+    from lynxpipe.plan.opt import plan_lynx_opt
+
+    PLANNERS["lynx-opt"] = plan_lynx_opt
+except ImportError:  # pragma: no cover
+    pass
 
 
 def policies() -> list[str]:

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
+from lynxpipe.plan.memory import rank_params, static_bytes
 from lynxpipe.plan.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.sim.program import Program, Task, compile_program
-from lynxpipe.sim.result import RankStats, SimResult, TraceEvent
+from lynxpipe.sim.result import RankStats, SimResult, TraceEvent, WindowUse
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Simulator:
         if sum(partition) != len(layers):
             raise LynxError(f"partition covers {sum(partition)} layers, policy has {len(layers)}")
         self.costs, self.order, self.trace = costs, order, trace
+        self.partition = partition
         self.stage_layers = stage_layers(partition)
         self.num_layers = len(layers)
         cache: dict[LayerPolicy, Program] = {}
@@ -53,6 +55,7 @@ class Simulator:
         self.head = compile_program(costs.head, KEEP_ALL)
         self.arrivals: dict[tuple[str, int, int], float] = {}
         self.events: list[TraceEvent] = []
+        self.windows: list[WindowUse] = []
 
     # -- helpers -----------------------------------------------------------------------------
     def _units(self, stage: int) -> list[tuple[int, Program]]:
@@ -104,6 +107,7 @@ class Simulator:
             st.stats["recompute_exposed_ms"] += task.duration_ms - hidden
             st.done.add(key)
             self._alloc(st, task.alloc_bytes)
+        self.windows.append(WindowUse(st.rank, window, st.t, wait_ms, used))
         idle = max(0.0, wait_ms - used / self.costs.contention)
         cat = "idle" if window.kind == "recv" else "tp_comm"
         self._event(st, "compute", label, cat, st.t + wait_ms - idle, idle)
@@ -185,14 +189,10 @@ class Simulator:
     def _tail_ms(self, rank: int) -> tuple[float, int]:
         """DP gradient all-reduce + optimizer time, and static bytes, of a rank."""
         c = self.costs
-        params = 0
-        for stage in range(rank, self.order.num_stages, self.order.pp):
-            params += len(self.stage_layers[stage]) * c.layer_params
-            if stage in (0, self.order.num_stages - 1):
-                params += c.embed_params
-        grad_bytes = 2 * params
-        dp = c.dp_alpha_ms + c.dp_ms_per_byte * grad_bytes if c.dp_ms_per_byte else 0.0
-        return dp + c.optimizer_ms_per_param * params, int(params * c.bytes_per_param)
+        params = rank_params(c, self.partition, self.order.pp, rank)
+        dp = c.dp_alpha_ms + c.dp_ms_per_byte * 2 * params if c.dp_ms_per_byte else 0.0
+        return (dp + c.optimizer_ms_per_param * params,
+                static_bytes(c, self.partition, self.order.pp, rank))
 
     def run(self) -> SimResult:
         """Simulate the whole step."""
@@ -225,7 +225,7 @@ class Simulator:
                                    idle, st.stats["recompute_hidden_ms"],
                                    st.stats["recompute_exposed_ms"], tail, st.peak, static))
         timeline = tuple(tuple(st.timeline) for st in states)
-        return SimResult(end, tuple(ranks), timeline, tuple(self.events))
+        return SimResult(end, tuple(ranks), timeline, tuple(self.events), tuple(self.windows))
 
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],

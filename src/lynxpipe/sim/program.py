@@ -39,7 +39,7 @@ class BwdStep:
     free_bytes: int
     """Bytes released after the step (tensors whose last use is here)."""
     step: int
-    """Index of the collective step in the bwd program (window id), or -1."""
+    """Index of this step in the layer's bwd program (a window id when it has a collective)."""
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,24 @@ def _part_ms(cost: LayerCost, ops: tuple[str, ...], part: str) -> float:
     return sum(t.dgrad_ms + t.wgrad_ms for t in times)
 
 
+def _need_ops(cost: LayerCost, tasks: dict[int, Task]) -> dict[str, set[int]]:
+    """For each op, the task segments whose tensors its backward reads."""
+    graph = cost.graph
+    need: dict[str, set[int]] = {}
+    for t in graph.tensors:
+        seg = FULL_SEGMENT if FULL_SEGMENT in tasks else t.segment
+        if seg in tasks and (seg == FULL_SEGMENT or t.droppable):
+            for op in t.used_by:
+                need.setdefault(op, set()).add(seg)
+    return need
+
+
 def _bwd_steps(cost: LayerCost, tasks: dict[int, Task]) -> list[BwdStep]:
     graph = cost.graph
-    seg_of = {op.name: op.segment for op in graph.ops}
     free_at: dict[str, int] = {}
     for t in graph.tensors:
         free_at[t.last_use] = free_at.get(t.last_use, 0) + t.size_bytes
+    need_ops = _need_ops(cost, tasks)
     pending = set(tasks)
     steps: list[BwdStep] = []
     for idx, step in enumerate(graph.bwd_steps):
@@ -132,16 +144,17 @@ def _bwd_steps(cost: LayerCost, tasks: dict[int, Task]) -> list[BwdStep]:
             needs.append(FULL_SEGMENT)
             pending.discard(FULL_SEGMENT)
         for op in step.ops:
-            if seg_of[op] in pending:
-                needs.append(seg_of[op])
-                pending.discard(seg_of[op])
+            for seg in sorted(need_ops.get(op, ())):
+                if seg in pending:
+                    needs.append(seg)
+                    pending.discard(seg)
         frees = step.part in ("bwd", "wgrad")
         freed = sum(free_at.get(o, 0) for o in step.ops) if frees else 0
         work = _part_ms(cost, step.ops, step.part)
         if step.kind == "compute":
-            steps.append(BwdStep(tuple(needs), work, 0.0, -1.0, freed, -1))
+            steps.append(BwdStep(tuple(needs), work, 0.0, -1.0, freed, idx))
         else:
             steps.append(BwdStep(tuple(needs), 0.0, work, cost.coll_ms[step.coll], freed, idx))
-    if pending:  # a segment with no backward op cannot happen for well-formed graphs
-        raise ValueError(f"segments {sorted(pending)} have no backward step")
+    if pending:  # a dropped tensor nobody reads cannot happen for well-formed graphs
+        raise ValueError(f"segments {sorted(pending)} have no backward consumer")
     return steps

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lynxpipe.schedule.actions import Window
+
 
 @dataclass(frozen=True)
 class TraceEvent:
@@ -21,6 +23,23 @@ class TraceEvent:
     """Start time."""
     dur_ms: float
     """Duration."""
+
+
+@dataclass(frozen=True)
+class WindowUse:
+    """One occurrence of a window on a rank: how long the compute stream could idle, how much
+    recompute was put in it."""
+
+    rank: int
+    """Pipeline rank."""
+    window: Window
+    """The window (kind, micro-batch, stage, layer, step)."""
+    start_ms: float
+    """When the window opened."""
+    wait_ms: float
+    """Idle time available (collective remainder or RECV wait) before any recompute."""
+    used_ms: float
+    """Recompute placed in it (capacity is wait_ms * contention)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,8 @@ class SimResult:
     """Per rank: (time_ms, activation bytes) after every change."""
     events: tuple[TraceEvent, ...] = ()
     """Trace events (empty unless requested)."""
+    windows: tuple[WindowUse, ...] = ()
+    """Every window that opened, in simulation order."""
 
     @property
     def recompute_exposed_ms(self) -> float:

@@ -1,0 +1,113 @@
+"""`checkmate`: optimal keep/drop under the budget minimising total recompute time, all on demand
+(a Checkmate-style MILP on our layer model, solved per pipeline rank with HiGHS)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+
+from lynxpipe.plan.finalize import base_order, make_plan
+from lynxpipe.plan.knapsack import choose_counts
+from lynxpipe.plan.memory import RankBudget, rank_budgets
+from lynxpipe.plan.options import LayerOption, layer_options, pareto
+from lynxpipe.plan.policy import FULL, LayerPolicy
+from lynxpipe.plan.recompute import TaskKey
+from lynxpipe.plan.simple import default_partition
+from lynxpipe.plan.types import Plan, PlanRequest
+from lynxpipe.schedule.actions import Window
+from lynxpipe.sim.result import SimResult
+
+MAX_TIGHTEN = 6
+
+Solver = Callable[[RankBudget, int], tuple[dict[int, LayerPolicy], float]]
+"""(rank budget, extra margin bytes) -> (policy per layer of the rank, MIP gap)."""
+Placer = Callable[[tuple[LayerPolicy, ...]], dict[TaskKey, Window]]
+"""Policies of all layers -> window of every recompute task that is not on demand."""
+
+
+def assign(layers: tuple[int, ...], counts: tuple[int, ...],
+           options: list[LayerOption]) -> dict[int, LayerPolicy]:
+    """Give the lowest layers the options that keep least (their tensors live longest)."""
+    ranked = sorted(range(len(options)), key=lambda o: options[o].kept_bytes)
+    policies = [options[o].policy for o in ranked for _ in range(counts[o])]
+    return dict(zip(layers, policies))
+
+
+def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve: Solver,
+                 start: float, notes: tuple[str, ...] = (), place: Placer | None = None,
+                 ) -> tuple[Plan, SimResult]:
+    """Solve every rank, simulate, and shrink the budget of ranks the simulator finds over it.
+
+    `place` maps the chosen policies to recompute windows (None: everything on demand).
+    """
+    order = base_order(req)
+    budgets = rank_budgets(req.costs, partition, order, req.budget_bytes, req.reserve_bytes)
+    margins = [0] * order.pp
+    for _ in range(MAX_TIGHTEN):
+        layers: dict[int, LayerPolicy] = {}
+        gap = 0.0
+        for rb in budgets:
+            chosen, rank_gap = solve(rb, margins[rb.rank])
+            layers.update(chosen)
+            gap = max(gap, rank_gap)
+        policy = tuple(layers[g] for g in range(req.model.num_layers))
+        placement = place(policy) if place else None
+        plan, sim = make_plan(req, name, partition, policy, placement,
+                              1e3 * (time.perf_counter() - start), gap, notes)
+        over = [peak - req.budget_bytes for peak in plan.predicted.peak_memory_bytes]
+        if all(o <= 0 for o in over):
+            break
+        for rank, o in enumerate(over):
+            margins[rank] += max(o, 0)
+    return plan, sim
+
+
+def checkmate_solver(req: PlanRequest) -> Solver:
+    """Per-rank MILP minimising total (on-demand) recompute time."""
+    options = pareto(layer_options(req.costs.layer), lambda o: o.total_ms)
+    cost = np.array([[o.total_ms for o in options]])
+
+    def solve(rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
+        choice = choose_counts([len(rb.layers)], options, cost, rb.inflight,
+                               rb.activation_bytes - margin, req.time_limit_s)
+        if choice is None:
+            return {g: FULL for g in rb.layers}, 0.0
+        return assign(rb.layers, choice.counts[0], options), choice.mip_gap
+
+    return solve
+
+
+def plan_checkmate_on(req: PlanRequest, partition: tuple[int, ...], name: str) -> Plan:
+    """Checkmate on a given partition."""
+    start = time.perf_counter()
+    return tighten_loop(req, partition, name, checkmate_solver(req), start)[0]
+
+
+def plan_checkmate(req: PlanRequest) -> Plan:
+    """Checkmate on the uniform (Megatron) partition."""
+    return plan_checkmate_on(req, default_partition(req), "checkmate")
+
+
+def plan_adapipe(req: PlanRequest) -> Plan:
+    """AdaPipe-style: checkmate per stage on the recompute-aware balanced partition.
+
+    If the balanced partition simulates slower than the uniform one, the uniform plan is kept
+    (the partitioner's estimate ignores pipeline dependencies; the simulator does not).
+    """
+    start = time.perf_counter()
+    partition = default_partition(req)
+    if req.partition != "uniform":
+        from lynxpipe.plan.partition import balanced_partition
+
+        partition = balanced_partition(req, "ondemand")
+    plan = plan_checkmate_on(req, partition, "adapipe")
+    if partition != default_partition(req):
+        uniform = plan_checkmate_on(req, default_partition(req), "adapipe")
+        if uniform.predicted.fits_budget and (
+                not plan.predicted.fits_budget
+                or uniform.predicted.step_time_ms < plan.predicted.step_time_ms):
+            plan = uniform
+    return replace(plan, planner_ms=1e3 * (time.perf_counter() - start))

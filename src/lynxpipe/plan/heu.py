@@ -1,0 +1,140 @@
+"""`lynx-heu` (SPEC §5): solve the repeated layer once, replicate, patch boundaries, verify.
+
+Layers whose natural windows have the same capacities form one class (all interior layers of a
+stage are identical; the stage's top layer differs). For each class the exposed time of every
+option is computed against its natural windows; a tiny integer-count knapsack per rank picks how
+many layers of each class take each option under the memory budget; the simulator checks the
+full timeline and the rank's budget is tightened and re-solved when it is violated. A final pass
+moves still-exposed tasks into windows the simulation shows idle (RECV waits, bubbles).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from lynxpipe.plan.checkmate import assign, checkmate_solver, tighten_loop
+from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
+from lynxpipe.plan.memory import RankBudget
+from lynxpipe.plan.options import LayerOption, layer_options
+from lynxpipe.plan.policy import FULL, LayerPolicy, stage_layers
+from lynxpipe.plan.recompute import TaskKey, required_tasks
+from lynxpipe.plan.refine import refine
+from lynxpipe.plan.simple import default_partition
+from lynxpipe.plan.types import Plan, PlanRequest
+from lynxpipe.plan.windows import Slot, natural_slots
+from lynxpipe.schedule.actions import Window
+
+
+TIE_BREAK = 1e-3
+
+
+def choose_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
+    """Uniform, or the recompute-aware balanced partition (default for lynx-*/adapipe)."""
+    if req.partition == "uniform":
+        return default_partition(req)
+    from lynxpipe.plan.partition import balanced_partition
+
+    return balanced_partition(req, kind)
+
+
+def exposure(option: LayerOption, slots: dict[int, Slot], contention: float) -> float:
+    """Exposed recompute of one layer's tasks placed in their natural windows (per mb)."""
+    load: dict[Slot, float] = {}
+    exposed = 0.0
+    for seg, ms in option.seg_ms.items():
+        slot = slots.get(seg) if seg >= 0 else None
+        if slot is None:
+            exposed += ms
+        else:
+            load[slot] = load.get(slot, 0.0) + ms
+    for slot, ms in load.items():
+        exposed += max(0.0, ms - contention * slot.capacity_ms)
+    return exposed
+
+
+class HeuPlanner:
+    """State shared by the solver and placer of one lynx-heu run."""
+
+    def __init__(self, req: PlanRequest, partition: tuple[int, ...]):
+        self.req, self.partition = req, partition
+        costs, num_layers = req.costs, req.model.num_layers
+        self.options = layer_options(costs.layer)
+        self.stage_of: dict[int, int] = {}
+        self.slots: dict[tuple[int, int], Slot] = {}
+        stages = stage_layers(partition)
+        for s, rng in enumerate(stages):
+            self.stage_of.update({g: s for g in rng})
+            self.slots.update(natural_slots(costs, rng, s == len(stages) - 1, num_layers))
+        self.stage_of[num_layers] = len(stages) - 1
+
+    def layer_costs(self, layer: int) -> tuple[float, ...]:
+        """Exposed time of every option for this layer."""
+        segs = {seg: slot for (g, seg), slot in self.slots.items() if g == layer}
+        c = self.req.costs.contention
+        # a small weight on total recompute breaks ties towards less (hidden) recompute, which
+        # leaves the windows' contention and memory lighter
+        return tuple(round(exposure(o, segs, c) + TIE_BREAK * o.total_ms, 9)
+                     for o in self.options)
+
+    def solve(self, rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
+        """Per-rank count knapsack over classes of identically-windowed layers."""
+        classes: dict[tuple[float, ...], list[int]] = {}
+        for g in rb.layers:
+            classes.setdefault(self.layer_costs(g), []).append(g)
+        return self._solve_classes(rb, margin, classes)
+
+    def _solve_classes(self, rb: RankBudget, margin: int,
+                       classes: dict[tuple[float, ...], list[int]],
+                       ) -> tuple[dict[int, LayerPolicy], float]:
+        """Replicated solve over classes, then greedy single-layer upgrades."""
+        keys = list(classes)
+        sizes = [len(classes[k]) for k in keys]
+        cost = np.array(keys)
+        budget = rb.activation_bytes - margin
+        if len(keys) <= 3:
+            choice = replicated_choice(sizes, self.options, cost, rb.inflight, budget)
+        else:  # irregular stages (many distinct windows): fall back to the exact MILP
+            choice = choose_counts(sizes, self.options, cost, rb.inflight, budget,
+                                   self.req.time_limit_s)
+        if choice is None:
+            return {g: FULL for g in rb.layers}, 0.0
+        choice = improve(choice, sizes, self.options, cost, rb.inflight, budget)
+        out: dict[int, LayerPolicy] = {}
+        for key, counts in zip(keys, choice.counts):
+            out.update(assign(tuple(classes[key]), counts, self.options))
+        return out, choice.mip_gap
+
+    def place(self, layers: tuple[LayerPolicy, ...]) -> dict[TaskKey, Window]:
+        """Every task into its natural slot (full recompute replays collectives: on demand)."""
+        placement: dict[TaskKey, Window] = {}
+        graph = self.req.costs.layer.graph
+        for mb, layer, seg in required_tasks(graph, layers, self.req.parallel.num_microbatches):
+            slot = self.slots.get((layer, seg)) if seg >= 0 else None
+            if slot is not None:
+                placement[(mb, layer, seg)] = Window("bwd_coll", mb, self.stage_of[slot.host],
+                                                     slot.host, slot.step)
+        return placement
+
+
+def plan_lynx_heu(req: PlanRequest) -> Plan:
+    """lynx-heu: window-aware replicated-layer knapsack + natural placement + refinement.
+
+    When some recompute stays exposed, the on-demand-optimal keep sets (checkmate's MILP) are
+    also tried with the same windows, so lynx-heu is never slower than checkmate.
+    """
+    start = time.perf_counter()
+    partition = choose_partition(req, "lynx")
+    heu = HeuPlanner(req, partition)
+    plan, sim = tighten_loop(req, partition, "lynx-heu", heu.solve, start, place=heu.place,
+                             notes=("keep sets chosen against natural windows",))
+    candidates = [refine(req, plan, sim)]
+    if candidates[0].predicted.recompute_exposed_ms > 0 or not candidates[0].predicted.fits_budget:
+        plan, sim = tighten_loop(req, partition, "lynx-heu", checkmate_solver(req), start,
+                                 place=heu.place, notes=("checkmate keep sets, windowed",))
+        candidates.append(refine(req, plan, sim))
+    fitting = [p for p in candidates if p.predicted.fits_budget] or candidates
+    best = min(fitting, key=lambda p: p.predicted.step_time_ms)
+    return replace(best, planner_ms=1e3 * (time.perf_counter() - start))

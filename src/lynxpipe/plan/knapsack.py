@@ -1,0 +1,188 @@
+"""Choosing one option per layer under a memory budget: a multiple-choice knapsack MILP.
+
+Layers of a rank fall into *classes* of identical layers (same costs); the MILP picks how many
+layers of each class take each option (integer counts), so its size does not grow with depth.
+Solved with HiGHS through `scipy.optimize.milp`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from lynxpipe.plan.options import LayerOption
+
+INFEASIBLE = float("inf")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Solution: options per class (count of layers taking each), objective and MIP gap."""
+
+    counts: tuple[tuple[int, ...], ...]
+    """counts[k][o]: layers of class k taking option o."""
+    objective: float
+    """Total cost (ms per micro-batch) of the choice."""
+    mip_gap: float
+    """Relative gap reported by HiGHS (0 when proven optimal)."""
+
+
+def choose_counts(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
+                  inflight: float, activation_bytes: int, time_limit_s: float = 10.0,
+                  ) -> Choice | None:
+    """Minimise sum(cost[k, o] * x[k, o]) with inflight * kept + transient <= activation_bytes.
+
+    The transient term is the largest regenerated-bytes of any option in use (one layer's
+    tensors come back at a time). Returns None when no choice fits.
+    """
+    nk, no = len(class_sizes), len(options)
+    nx = nk * no
+    kept = np.array([o.kept_bytes for o in options], dtype=float)
+    regen = np.array([o.regen_bytes for o in options], dtype=float)
+    scale = max(float(activation_bytes), 1.0)
+    # variables: x[k, o] (integer counts), y[o] (option used), t (transient bytes / scale)
+    c = np.concatenate([cost.reshape(-1), np.zeros(no), [0.0]])
+    rows, lo, hi = [], [], []
+    for k, size in enumerate(class_sizes):
+        row = np.zeros(nx + no + 1)
+        row[k * no:(k + 1) * no] = 1.0
+        rows.append(row), lo.append(size), hi.append(size)
+    mem = np.zeros(nx + no + 1)
+    for k in range(nk):
+        mem[k * no:(k + 1) * no] = inflight * kept / scale
+    mem[-1] = 1.0
+    rows.append(mem), lo.append(-np.inf), hi.append(activation_bytes / scale)
+    for o in range(no):
+        row = np.zeros(nx + no + 1)
+        row[-1], row[nx + o] = 1.0, -regen[o] / scale
+        rows.append(row), lo.append(0.0), hi.append(np.inf)
+        for k, size in enumerate(class_sizes):
+            row = np.zeros(nx + no + 1)
+            row[k * no + o], row[nx + o] = 1.0, -float(size)
+            rows.append(row), lo.append(-np.inf), hi.append(0.0)
+    upper = np.concatenate([np.repeat(class_sizes, no).astype(float), np.ones(no), [np.inf]])
+    integrality = np.concatenate([np.ones(nx + no), [0]])
+    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
+               bounds=Bounds(np.zeros(nx + no + 1), upper),
+               options={"time_limit": time_limit_s, "disp": False})
+    if res.x is None:
+        return None
+    x = np.rint(res.x[:nx]).astype(int).reshape(nk, no)
+    gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
+    return Choice(tuple(tuple(int(v) for v in row) for row in x), float(res.fun), gap)
+
+
+def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
+                  inflight: float, budget: float) -> float:
+    """Least cost of `count` identical layers mixing at most two options under the budget.
+
+    The LP optimum of a one-class multiple-choice knapsack mixes two adjacent hull options, so
+    two-option mixes are (nearly) optimal and cheap enough to run for every DP cell.
+    """
+    k = np.arange(count + 1)[None, None, :]
+    mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None]) \
+        + np.maximum(regen[:, None, None], regen[None, :, None])
+    total = k * cost[:, None, None] + (count - k) * cost[None, :, None]
+    feasible = total[mem <= budget]
+    return float(feasible.min()) if feasible.size else INFEASIBLE
+
+
+def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
+                 inflight: float, budget: float) -> tuple[float, tuple[int, ...]]:
+    """Like pair_knapsack, returning the counts per option too."""
+    k = np.arange(count + 1)[None, None, :]
+    mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None]) \
+        + np.maximum(regen[:, None, None], regen[None, :, None])
+    total = np.where(mem <= budget, k * cost[:, None, None] + (count - k) * cost[None, :, None],
+                     np.inf)
+    flat = int(np.argmin(total))
+    best = float(total.reshape(-1)[flat])
+    if best == np.inf:
+        return INFEASIBLE, ()
+    i, j, n = np.unravel_index(flat, total.shape)
+    counts = np.zeros(len(kept), dtype=int)
+    counts[i] += n
+    counts[j] += count - n
+    return best, tuple(int(c) for c in counts)
+
+
+def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
+                      inflight: float, activation_bytes: int) -> Choice | None:
+    """HEU's solve: one option for each layer of the small classes (boundary layers), and a mix
+    of at most two options replicated over the big class (the repeated interior layer).
+
+    Exhaustive over the boundary options, so it costs O(options^(small classes)) pair solves;
+    meant for one or two boundary classes.
+    """
+    big = int(np.argmax(class_sizes))
+    small = [k for k in range(len(class_sizes)) if k != big]
+    kept = np.array([o.kept_bytes for o in options], dtype=float)
+    regen = np.array([o.regen_bytes for o in options], dtype=float)
+    front = _frontier(kept, cost[big])
+    best: Choice | None = None
+    for combo in itertools.product(*(_frontier(kept, cost[k]) for k in small)):
+        fixed_mem = sum(inflight * kept[o] * class_sizes[k] for k, o in zip(small, combo))
+        fixed_cost = sum(cost[k, o] * class_sizes[k] for k, o in zip(small, combo))
+        peak_regen = max((regen[o] for o in combo), default=0.0)
+        obj, sub = _pair_argmin(kept[front], np.maximum(regen[front], peak_regen),
+                                cost[big][front], class_sizes[big], inflight,
+                                activation_bytes - fixed_mem)
+        if obj == INFEASIBLE or (best is not None and obj + fixed_cost >= best.objective):
+            continue
+        rows = [[0] * len(options) for _ in class_sizes]
+        for idx, n in zip(front, sub):
+            rows[big][idx] += n
+        for k, o in zip(small, combo):
+            rows[k][o] = class_sizes[k]
+        best = Choice(tuple(tuple(r) for r in rows), float(obj + fixed_cost), 0.0)
+    return best
+
+
+
+
+
+def _frontier(kept: np.ndarray, cost: np.ndarray) -> list[int]:
+    """Indices of options not dominated in (kept bytes, cost)."""
+    out: list[int] = []
+    for idx in sorted(range(len(kept)), key=lambda i: (kept[i], cost[i])):
+        if not out or cost[idx] < cost[out[-1]] - 1e-12:
+            out.append(idx)
+    return out
+
+
+
+def improve(choice: Choice, class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
+            inflight: float, activation_bytes: int) -> Choice:
+    """Greedy upgrades: spend leftover memory moving single layers to cheaper options.
+
+    The replicated solution mixes at most two options per class; optimal solutions may mix more,
+    and single-layer upgrades into the leftover memory recover most of that difference.
+    """
+    counts = [list(row) for row in choice.counts]
+    kept = np.array([o.kept_bytes for o in options], dtype=float)
+    regen = np.array([o.regen_bytes for o in options], dtype=float)
+    while True:
+        used = [o for row in counts for o, n in enumerate(row) if n]
+        mem = inflight * sum(kept[o] * n for row in counts for o, n in enumerate(row))
+        left = activation_bytes - mem - max(regen[o] for o in used)
+        best = None
+        for k, row in enumerate(counts):
+            for src in (o for o, n in enumerate(row) if n):
+                gain = cost[k, src] - cost[k]
+                extra = inflight * (kept - kept[src])
+                peak = np.maximum(regen, max(regen[o] for o in used)) - max(regen[o] for o in used)
+                ok = (gain > 1e-12) & (extra + peak <= left)
+                if ok.any():
+                    dst = int(np.argmax(np.where(ok, gain, -np.inf)))
+                    if best is None or gain[dst] > best[0]:
+                        best = (gain[dst], k, src, dst)
+        if best is None:
+            break
+        _, k, src, dst = best
+        counts[k][src] -= 1
+        counts[k][dst] += 1
+    objective = float(sum(cost[k, o] * n for k, row in enumerate(counts) for o, n in enumerate(row)))
+    return Choice(tuple(tuple(r) for r in counts), objective, choice.mip_gap)

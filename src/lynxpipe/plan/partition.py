@@ -1,0 +1,97 @@
+"""Recompute-aware partitioning (SPEC §5): contiguous layer ranges minimising the slowest stage,
+where a stage's time includes the recompute that stays exposed under its own memory budget."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from lynxpipe.plan.finalize import base_order
+from lynxpipe.plan.memory import rank_budgets
+from lynxpipe.plan.options import layer_options, pareto
+from lynxpipe.plan.simple import default_partition
+from lynxpipe.plan.types import PlanRequest
+from lynxpipe.plan.windows import natural_slots
+from lynxpipe.plan.heu import exposure
+from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
+
+def _layer_ms(req: PlanRequest) -> float:
+    """Forward + backward of a layer with its exposed TP communication (no recompute)."""
+    cost = req.costs.layer
+    fwd = cost.fwd_ms() + cost.fwd_coll_ms()
+    bwd = cost.bwd_ms()
+    for step in cost.graph.bwd_steps:
+        if step.kind == "coll":
+            overlap = sum(getattr(cost.op_ms[o], f"{step.part}_ms") for o in step.ops)
+            bwd += max(0.0, cost.coll_ms[step.coll] - overlap)
+    return fwd + bwd
+
+
+def _extra_ms(cost) -> float:
+    return cost.fwd_ms() + cost.bwd_ms() + sum(cost.coll_ms.values())
+
+
+def balanced_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
+    """DP over contiguous layer ranges; `kind` 'lynx' counts windows, 'ondemand' does not.
+
+    Interleaved schedules keep Megatron's uniform split (chunks of a rank share one budget).
+    """
+    par = req.parallel
+    if par.virtual_stages > 1 or par.pp == 1:
+        return default_partition(req)
+    num_layers, p = req.model.num_layers, par.pp
+    uniform = default_partition(req)
+    order = base_order(req)
+    rb = rank_budgets(req.costs, uniform, order, req.budget_bytes, req.reserve_bytes)
+    options = layer_options(req.costs.layer)
+    interior = natural_slots(req.costs, range(1, 3), False, num_layers)
+    slots = {seg: slot for (g, seg), slot in interior.items() if g == 1}
+    c = req.costs.contention
+    if kind == "lynx":
+        costs = [exposure(o, slots, c) for o in options]
+    else:
+        costs = [o.total_ms for o in options]
+    options, costs = zip(*[(o, costs[options.index(o)]) for o in
+                           pareto(options, lambda o: costs[options.index(o)])])
+    kept = np.array([o.kept_bytes for o in options], dtype=float)
+    regen = np.array([o.regen_bytes for o in options], dtype=float)
+    cost = np.array(costs)
+    layer_ms, per_layer_static = _layer_ms(req), req.costs.layer_params * req.costs.bytes_per_param
+    extra = [_extra_ms(req.costs.embed) if s == 0 else 0.0 for s in range(p)]
+    extra[-1] += _extra_ms(req.costs.head)
+
+    @lru_cache(maxsize=None)
+    def stage_ms(stage: int, count: int) -> float:
+        # the stage's activation budget moves with its layer count (weights scale with it)
+        delta = (count - uniform[stage]) * per_layer_static
+        budget = rb[stage].activation_bytes - delta
+        return (count * layer_ms + extra[stage]
+                + pair_knapsack(kept, regen, cost, count, rb[stage].inflight, budget))
+
+    best = _dp(num_layers, p, stage_ms)
+    return best if best is not None else uniform
+
+
+def _dp(num_layers: int, p: int, stage_ms) -> tuple[int, ...] | None:
+    """min over splits of max stage time; stages get at least one layer."""
+    # f[s][n]: best max time placing the first n layers on stages 0..s-1
+    f = [[INFEASIBLE] * (num_layers + 1) for _ in range(p + 1)]
+    arg = [[0] * (num_layers + 1) for _ in range(p + 1)]
+    f[0][0] = 0.0
+    for s in range(1, p + 1):
+        for n in range(s, num_layers - (p - s) + 1):
+            for k in range(1, n - (s - 1) + 1):
+                prev = f[s - 1][n - k]
+                if prev == INFEASIBLE:
+                    continue
+                val = max(prev, stage_ms(s - 1, k))
+                if val < f[s][n] - 1e-12:
+                    f[s][n], arg[s][n] = val, k
+    if f[p][num_layers] == INFEASIBLE:
+        return None
+    out, n = [], num_layers
+    for s in range(p, 0, -1):
+        out.append(arg[s][n])
+        n -= arg[s][n]
+    return tuple(reversed(out))

@@ -1,0 +1,72 @@
+"""Move recompute tasks that still run on demand into windows the simulation shows idle.
+
+After the knapsack and natural placement, some tasks have no window near them (the top layer
+of a non-last stage) while RECV waits, pipeline bubbles and forward collectives of the
+micro-batches in between sit idle. Each on-demand task goes to the latest idle window between
+its forward and its backward that has room for all of it (latest = shortest time its tensors
+are held); the simulator then judges the result, and the move set is kept only if it is faster
+and still fits.
+"""
+
+from __future__ import annotations
+
+from lynxpipe.plan.finalize import make_plan
+from lynxpipe.plan.options import option_for
+from lynxpipe.plan.recompute import TaskKey
+from lynxpipe.plan.types import Plan, PlanRequest
+from lynxpipe.schedule.actions import Window
+from lynxpipe.sim.result import SimResult
+
+_HOST_KIND = {"fwd_coll": "F", "bwd_coll": "B"}
+
+
+def _host_key(window: Window) -> tuple[str, int, int]:
+    return (window.recv or _HOST_KIND[window.kind], window.mb, window.stage)
+
+
+def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dict[TaskKey, Window]:
+    """Greedy assignment of on-demand tasks to idle windows of the allowed kinds."""
+    c = req.costs.contention
+    spare: dict[Window, float] = {}
+    for use in sim.windows:
+        if use.window.kind in kinds:
+            spare[use.window] = c * use.wait_ms - use.used_ms
+    moves: dict[TaskKey, Window] = {}
+    for actions in plan.order.ranks:
+        index = {(a.kind, a.mb, a.stage): i for i, a in enumerate(actions) if a.kind != "R"}
+        hosted = sorted(((index[_host_key(w)], w) for w in spare if _host_key(w) in index),
+                        key=lambda iw: iw[0])
+        for action in actions:
+            if action.kind != "R" or action.segment < 0 or action.window is None \
+                    or action.window.kind != "on_demand":
+                continue
+            ms = option_for(req.costs.layer, plan.layers[action.layer]).seg_ms[action.segment]
+            lo, hi = index[("F", action.mb, action.stage)], index[("B", action.mb, action.stage)]
+            fits = [w for i, w in hosted if lo < i < hi and spare[w] >= ms]
+            if fits:
+                moves[(action.mb, action.layer, action.segment)] = fits[-1]
+                spare[fits[-1]] -= ms
+    return moves
+
+
+def _placement(plan: Plan) -> dict[TaskKey, Window]:
+    return {(a.mb, a.layer, a.segment): a.window for r in plan.order.ranks for a in r
+            if a.kind == "R" and a.window is not None and a.window.kind != "on_demand"}
+
+
+def refine(req: PlanRequest, plan: Plan, sim: SimResult) -> Plan:
+    """Try moving on-demand tasks into RECV windows, then also forward windows; keep the best."""
+    best = plan
+    for kinds in ({"recv"}, {"recv", "fwd_coll"}):
+        moves = _moves(req, plan, sim, kinds)
+        if not moves:
+            continue
+        placement = {**_placement(plan), **moves}
+        cand, _ = make_plan(req, plan.policy, plan.partition, plan.layers, placement,
+                            plan.planner_ms, plan.mip_gap,
+                            plan.notes + (f"{len(moves)} tasks moved into idle "
+                                          f"{'/'.join(sorted(kinds))} windows",))
+        if cand.predicted.fits_budget and \
+                cand.predicted.step_time_ms < best.predicted.step_time_ms - 1e-9:
+            best = cand
+    return best
