@@ -20,7 +20,7 @@ from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Window
 from lynxpipe.sim.result import SimResult
 
-MAX_TIGHTEN = 6
+MAX_TIGHTEN = 8
 
 Solver = Callable[[RankBudget, int], tuple[dict[int, LayerPolicy], float]]
 """(rank budget, extra margin bytes) -> (policy per layer of the rank, MIP gap)."""
@@ -46,23 +46,62 @@ def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve:
     order = base_order(req)
     budgets = rank_budgets(req.costs, partition, order, req.budget_bytes, req.reserve_bytes)
     margins = [0] * order.pp
+    fit: list[int | None] = [None] * order.pp   # smallest margin seen to fit
+    fail: list[int | None] = [None] * order.pp  # largest margin seen to overshoot
+    best: tuple[Plan, SimResult] | None = None
     for _ in range(MAX_TIGHTEN):
-        layers: dict[int, LayerPolicy] = {}
-        gap = 0.0
-        for rb in budgets:
-            chosen, rank_gap = solve(rb, margins[rb.rank])
-            layers.update(chosen)
-            gap = max(gap, rank_gap)
-        policy = tuple(layers[g] for g in range(req.model.num_layers))
-        placement = place(policy) if place else None
-        plan, sim = make_plan(req, name, partition, policy, placement,
-                              1e3 * (time.perf_counter() - start), gap, notes)
+        plan, sim = _solve_all(req, partition, name, solve, budgets, margins, start, notes, place)
         over = [peak - req.budget_bytes for peak in plan.predicted.peak_memory_bytes]
-        if all(o <= 0 for o in over):
+        if all(o <= 0 for o in over) and (
+                best is None or plan.predicted.step_time_ms < best[0].predicted.step_time_ms):
+            best = (plan, sim)
+        nxt = [_next_margin(r, m, o, fit, fail, req.budget_bytes)
+               for r, (m, o) in enumerate(zip(margins, over))]
+        if all(m is None for m in nxt):
             break
-        for rank, o in enumerate(over):
-            margins[rank] += max(o, 0)
-    return plan, sim
+        margins = [m if m is not None else f for m, f in zip(nxt, _settled(fit, margins))]
+    return best if best is not None else (plan, sim)
+
+
+def _next_margin(rank: int, margin: int, over: int, fit: list, fail: list,
+                 budget: int) -> int | None:
+    """Bisect each rank's estimate margin between 'fits' and 'overshoots' (None: settled).
+
+    The memory estimate is conservative (peaks of forward and backward do not coincide), so
+    after the first fit the simulator's slack is handed back and the margin bisected.
+    """
+    first_fit = over <= 0 and fit[rank] is None
+    if over > 0:
+        fail[rank] = margin if fail[rank] is None else max(fail[rank], margin)
+    else:
+        fit[rank] = margin if fit[rank] is None else min(fit[rank], margin)
+    if fit[rank] is None:
+        return margin + over
+    if fail[rank] is None:  # relax once; a second fit without any overshoot means settled
+        return margin + over if first_fit and over < -budget // 100 else None
+    if fit[rank] - fail[rank] <= budget // 200:
+        return None
+    return (fit[rank] + fail[rank]) // 2
+
+
+def _settled(fit: list, margins: list[int]) -> list[int]:
+    """Margin to keep for a settled rank: the smallest one known to fit."""
+    return [f if f is not None else m for f, m in zip(fit, margins)]
+
+
+def _solve_all(req: PlanRequest, partition: tuple[int, ...], name: str, solve: Solver,
+               budgets: list[RankBudget], margins: list[int], start: float,
+               notes: tuple[str, ...], place: Placer | None) -> tuple[Plan, SimResult]:
+    layers: dict[int, LayerPolicy] = {}
+    gap = 0.0
+    for rb in budgets:
+        chosen, rank_gap = solve(rb, margins[rb.rank])
+        layers.update(chosen)
+        gap = max(gap, rank_gap)
+    policy = tuple(layers[g] for g in range(req.model.num_layers))
+    placement = place(policy) if place else None
+    return make_plan(req, name, partition, policy, placement,
+                     1e3 * (time.perf_counter() - start), gap, notes)
 
 
 def checkmate_solver(req: PlanRequest) -> Solver:
@@ -72,7 +111,8 @@ def checkmate_solver(req: PlanRequest) -> Solver:
 
     def solve(rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
         choice = choose_counts([len(rb.layers)], options, cost, rb.inflight,
-                               rb.activation_bytes - margin, req.time_limit_s)
+                               rb.activation_bytes - margin, req.time_limit_s,
+                               rb.transient_credit)
         if choice is None:
             return {g: FULL for g in rb.layers}, 0.0
         return assign(rb.layers, choice.counts[0], options), choice.mip_gap

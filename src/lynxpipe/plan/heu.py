@@ -95,25 +95,31 @@ class HeuPlanner:
         cost = np.array(keys)
         budget = rb.activation_bytes - margin
         if len(keys) <= 3:
-            choice = replicated_choice(sizes, self.options, cost, rb.inflight, budget)
+            choice = replicated_choice(sizes, self.options, cost, rb.inflight, budget,
+                                       rb.transient_credit)
         else:  # irregular stages (many distinct windows): fall back to the exact MILP
             choice = choose_counts(sizes, self.options, cost, rb.inflight, budget,
-                                   self.req.time_limit_s)
+                                   self.req.time_limit_s, rb.transient_credit)
         if choice is None:
             return {g: FULL for g in rb.layers}, 0.0
-        choice = improve(choice, sizes, self.options, cost, rb.inflight, budget)
+        choice = improve(choice, sizes, self.options, cost, rb.inflight, budget,
+                         rb.transient_credit)
         out: dict[int, LayerPolicy] = {}
         for key, counts in zip(keys, choice.counts):
             out.update(assign(tuple(classes[key]), counts, self.options))
         return out, choice.mip_gap
 
     def place(self, layers: tuple[LayerPolicy, ...]) -> dict[TaskKey, Window]:
-        """Every task into its natural slot (full recompute replays collectives: on demand)."""
+        """Every task into its natural slot (full recompute replays collectives: on demand).
+
+        Empty windows (tp = 1, fully overlapped collectives) are skipped: a task there would
+        only hold its tensors longer.
+        """
         placement: dict[TaskKey, Window] = {}
         graph = self.req.costs.layer.graph
         for mb, layer, seg in required_tasks(graph, layers, self.req.parallel.num_microbatches):
             slot = self.slots.get((layer, seg)) if seg >= 0 else None
-            if slot is not None:
+            if slot is not None and slot.capacity_ms > 0:
                 placement[(mb, layer, seg)] = Window("bwd_coll", mb, self.stage_of[slot.host],
                                                      slot.host, slot.step)
         return placement
@@ -122,19 +128,31 @@ class HeuPlanner:
 def plan_lynx_heu(req: PlanRequest) -> Plan:
     """lynx-heu: window-aware replicated-layer knapsack + natural placement + refinement.
 
-    When some recompute stays exposed, the on-demand-optimal keep sets (checkmate's MILP) are
-    also tried with the same windows, so lynx-heu is never slower than checkmate.
+    Tried on the balanced partition and, when it differs, on the uniform one (the partitioner's
+    estimate ignores pipeline dependencies). When some recompute stays exposed, checkmate's
+    on-demand-optimal keep sets are also tried with the same windows, so lynx-heu is never
+    slower than checkmate.
     """
     start = time.perf_counter()
-    partition = choose_partition(req, "lynx")
-    heu = HeuPlanner(req, partition)
-    plan, sim = tighten_loop(req, partition, "lynx-heu", heu.solve, start, place=heu.place,
-                             notes=("keep sets chosen against natural windows",))
-    candidates = [refine(req, plan, sim)]
-    if candidates[0].predicted.recompute_exposed_ms > 0 or not candidates[0].predicted.fits_budget:
-        plan, sim = tighten_loop(req, partition, "lynx-heu", checkmate_solver(req), start,
-                                 place=heu.place, notes=("checkmate keep sets, windowed",))
+    uniform = default_partition(req)
+    partitions = list(dict.fromkeys([choose_partition(req, "lynx"), uniform]))
+    candidates = []
+    for partition in partitions:
+        heu = HeuPlanner(req, partition)
+        plan, sim = tighten_loop(req, partition, "lynx-heu", heu.solve, start, place=heu.place,
+                                 notes=(f"partition {partition}; keep sets chosen against "
+                                        f"natural windows",))
         candidates.append(refine(req, plan, sim))
-    fitting = [p for p in candidates if p.predicted.fits_budget] or candidates
-    best = min(fitting, key=lambda p: p.predicted.step_time_ms)
+    best = _best(candidates)
+    if best.predicted.recompute_exposed_ms > 0 or not best.predicted.fits_budget:
+        heu = HeuPlanner(req, uniform)
+        plan, sim = tighten_loop(req, uniform, "lynx-heu", checkmate_solver(req), start,
+                                 place=heu.place, notes=("checkmate keep sets, windowed",))
+        best = _best(candidates + [refine(req, plan, sim)])
     return replace(best, planner_ms=1e3 * (time.perf_counter() - start))
+
+
+def _best(plans: list[Plan]) -> Plan:
+    """Fastest plan that fits (fastest overall when none fits)."""
+    fitting = [p for p in plans if p.predicted.fits_budget] or plans
+    return min(fitting, key=lambda p: p.predicted.step_time_ms)

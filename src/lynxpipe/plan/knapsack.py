@@ -32,16 +32,17 @@ class Choice:
 
 def choose_counts(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
                   inflight: float, activation_bytes: int, time_limit_s: float = 10.0,
-                  ) -> Choice | None:
+                  transient_credit: int = 0) -> Choice | None:
     """Minimise sum(cost[k, o] * x[k, o]) with inflight * kept + transient <= activation_bytes.
 
     The transient term is the largest regenerated-bytes of any option in use (one layer's
-    tensors come back at a time). Returns None when no choice fits.
+    tensors come back at a time), less `transient_credit` (memory already freed by then).
+    Returns None when no choice fits.
     """
     nk, no = len(class_sizes), len(options)
     nx = nk * no
     kept = np.array([o.kept_bytes for o in options], dtype=float)
-    regen = np.array([o.regen_bytes for o in options], dtype=float)
+    regen = _regen(options, transient_credit)
     scale = max(float(activation_bytes), 1.0)
     # variables: x[k, o] (integer counts), y[o] (option used), t (transient bytes / scale)
     c = np.concatenate([cost.reshape(-1), np.zeros(no), [0.0]])
@@ -110,7 +111,8 @@ def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: i
 
 
 def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
-                      inflight: float, activation_bytes: int) -> Choice | None:
+                      inflight: float, activation_bytes: int,
+                      transient_credit: int = 0) -> Choice | None:
     """HEU's solve: one option for each layer of the small classes (boundary layers), and a mix
     of at most two options replicated over the big class (the repeated interior layer).
 
@@ -120,7 +122,7 @@ def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: 
     big = int(np.argmax(class_sizes))
     small = [k for k in range(len(class_sizes)) if k != big]
     kept = np.array([o.kept_bytes for o in options], dtype=float)
-    regen = np.array([o.regen_bytes for o in options], dtype=float)
+    regen = _regen(options, transient_credit)
     front = _frontier(kept, cost[big])
     best: Choice | None = None
     for combo in itertools.product(*(_frontier(kept, cost[k]) for k in small)):
@@ -155,7 +157,7 @@ def _frontier(kept: np.ndarray, cost: np.ndarray) -> list[int]:
 
 
 def improve(choice: Choice, class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
-            inflight: float, activation_bytes: int) -> Choice:
+            inflight: float, activation_bytes: int, transient_credit: int = 0) -> Choice:
     """Greedy upgrades: spend leftover memory moving single layers to cheaper options.
 
     The replicated solution mixes at most two options per class; optimal solutions may mix more,
@@ -163,7 +165,7 @@ def improve(choice: Choice, class_sizes: list[int], options: list[LayerOption], 
     """
     counts = [list(row) for row in choice.counts]
     kept = np.array([o.kept_bytes for o in options], dtype=float)
-    regen = np.array([o.regen_bytes for o in options], dtype=float)
+    regen = _regen(options, transient_credit)
     while True:
         used = [o for row in counts for o, n in enumerate(row) if n]
         mem = inflight * sum(kept[o] * n for row in counts for o, n in enumerate(row))
@@ -186,3 +188,8 @@ def improve(choice: Choice, class_sizes: list[int], options: list[LayerOption], 
         counts[k][dst] += 1
     objective = float(sum(cost[k, o] * n for k, row in enumerate(counts) for o, n in enumerate(row)))
     return Choice(tuple(tuple(r) for r in counts), objective, choice.mip_gap)
+
+
+def _regen(options: list[LayerOption], credit: int) -> np.ndarray:
+    """Transient bytes of each option once `credit` bytes have been freed."""
+    return np.maximum(np.array([o.regen_bytes for o in options], dtype=float) - credit, 0.0)

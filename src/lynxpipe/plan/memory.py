@@ -40,6 +40,9 @@ class RankBudget:
     """Embedding / head activations held at the peak."""
     activation_bytes: int
     """Budget minus static state, reserve and extras: what layer activations may use."""
+    transient_credit: int = 0
+    """Bytes already freed when the first layer recompute of a backward runs (the LM head's
+    tensors of that micro-batch, on the last stage)."""
 
 
 def rank_budgets(costs: CostTable, partition: tuple[int, ...], order: PipelineOrder,
@@ -59,6 +62,7 @@ def rank_budgets(costs: CostTable, partition: tuple[int, ...], order: PipelineOr
         extras = int(extras * inflight)
         left = (budget_bytes - reserve_bytes - static_bytes(costs, partition, order.pp, rank)
                 - extras)
+        credit = costs.head.graph.saved_bytes() if len(partition) - 1 in mine else 0
         out.append(RankBudget(rank, tuple(g for s in mine for g in stages[s]), inflight,
-                              extras, left))
+                              extras, left, credit))
     return out

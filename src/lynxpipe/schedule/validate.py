@@ -290,8 +290,11 @@ def _check_window(
         key: Key = (w.recv, w.mb, w.stage)
     else:
         key = ("F" if w.kind == "fwd_coll" else "B", w.mb, w.stage)
-        if starts and w.layer >= 0 and _stage_of_layer(w.layer, starts) != w.stage:
+        if starts and 0 <= w.layer < starts[-1] and _stage_of_layer(w.layer, starts) != w.stage:
             raise _fail(r, i, a, f"{w.kind} window layer {w.layer} is not on stage {w.stage}")
+        # layer -1 (embedding) and num_layers (LM head) host windows on the first/last stage
+        if starts and w.layer == starts[-1] and w.stage != len(starts) - 2:
+            raise _fail(r, i, a, f"{w.kind} window of the LM head is not on the last stage")
     host = pos.get(key)
     if host is None:
         raise _fail(r, i, a, f"{w.kind} window host {_show(key)} is not on this rank")
