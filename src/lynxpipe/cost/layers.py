@@ -154,28 +154,34 @@ def _attention_core(bld: _Builder, d: _Dims, qkv: str, dropout: bool) -> str:
     return attn_in
 
 
-def gpt_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
-    """Megatron GPT layer: LN, QKV, attention, proj, dropout+residual, LN, FC1, GeLU, FC2."""
-    d, drop = _dims(model, par), model.dropout > 0
-    bld = _Builder("layer")
+def _attention_block(bld: _Builder, d: _Dims, drop: bool, norm_flops: int, rope: bool,
+                     mlp_in: str) -> None:
+    """Norm, QKV (+RoPE), attention core, out-proj, its reduction, residual, second norm."""
     q_width = d.h // d.t
-    bld.op("ln1", (), "ln1_out", 8 * d.nl * d.h, 2 * d.e * d.nl * d.h)
+    bld.op("ln1", (), "ln1_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
     bld.save("x", d.e * d.nl * d.h, "", ("ln1",), False)
     bld.save("ln1_out", d.e * d.nl * d.h, "ln1", ("qkv",), True)
     _gather(bld, d, "ag_qkv")
     qkv_width = q_width + 2 * d.kv
-    bld.op("qkv", ("ln1_out",), "qkv_out", 2 * d.n * d.h * qkv_width,
-           d.e * (d.n * d.h + d.n * qkv_width + d.h * qkv_width), gemm=True)
+    rope_flops, rope_bytes = (6 * d.n * qkv_width, d.e * d.n * qkv_width) if rope else (0, 0)
+    bld.op("qkv", ("ln1_out",), "qkv_out", 2 * d.n * d.h * qkv_width + rope_flops,
+           d.e * (d.n * d.h + d.n * qkv_width + d.h * qkv_width) + rope_bytes, gemm=True)
     bld.save("qkv_out", d.e * d.n * qkv_width, "qkv", ("scores", "av"), not d.sp)
-    attn_in = _attention_core(bld, d, "qkv_out", drop)
-    _ = attn_in
+    _attention_core(bld, d, "qkv_out", drop)
     bld.op("proj", ("ctx",), "", 2 * d.n * q_width * d.h,
            d.e * (d.n * q_width + d.n * d.h + q_width * d.h), gemm=True)
     _reduce(bld, d, "ar_proj")
     _residual(bld, d, "res1", "h1", drop, ("ln2",))
-    bld.op("ln2", ("h1",), "ln2_out", 8 * d.nl * d.h, 2 * d.e * d.nl * d.h)
-    bld.save("ln2_out", d.e * d.nl * d.h, "ln2", ("fc1",), True)
+    bld.op("ln2", ("h1",), "ln2_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
+    bld.save("ln2_out", d.e * d.nl * d.h, "ln2", (mlp_in,), True)
     _gather(bld, d, "ag_fc1")
+
+
+def gpt_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
+    """Megatron GPT layer: LN, QKV, attention, proj, dropout+residual, LN, FC1, GeLU, FC2."""
+    d, drop = _dims(model, par), model.dropout > 0
+    bld = _Builder("layer")
+    _attention_block(bld, d, drop, 8, False, "fc1")
     bld.op("fc1", ("ln2_out",), "fc1_out", 2 * d.n * d.h * d.f,
            d.e * (d.n * d.h + d.n * d.f + d.h * d.f), gemm=True)
     bld.save("fc1_out", d.e * d.n * d.f, "fc1", ("gelu",), not d.sp)
@@ -222,23 +228,7 @@ def llama_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     """LLaMA layer: RMSNorm, QKV (GQA) + RoPE, attention, o-proj, RMSNorm, SwiGLU MLP."""
     d, drop = _dims(model, par), model.dropout > 0
     bld = _Builder("layer")
-    q_width = d.h // d.t
-    bld.op("ln1", (), "ln1_out", 4 * d.nl * d.h, 2 * d.e * d.nl * d.h)
-    bld.save("x", d.e * d.nl * d.h, "", ("ln1",), False)
-    bld.save("ln1_out", d.e * d.nl * d.h, "ln1", ("qkv",), True)
-    _gather(bld, d, "ag_qkv")
-    qkv_width = q_width + 2 * d.kv
-    bld.op("qkv", ("ln1_out",), "qkv_out", 2 * d.n * d.h * qkv_width + 6 * d.n * qkv_width,
-           d.e * (d.n * d.h + 2 * d.n * qkv_width + d.h * qkv_width), gemm=True)
-    bld.save("qkv_out", d.e * d.n * qkv_width, "qkv", ("scores", "av"), not d.sp)
-    _attention_core(bld, d, "qkv_out", drop)
-    bld.op("proj", ("ctx",), "", 2 * d.n * q_width * d.h,
-           d.e * (d.n * q_width + d.n * d.h + q_width * d.h), gemm=True)
-    _reduce(bld, d, "ar_proj")
-    _residual(bld, d, "res1", "h1", drop, ("ln2",))
-    bld.op("ln2", ("h1",), "ln2_out", 4 * d.nl * d.h, 2 * d.e * d.nl * d.h)
-    bld.save("ln2_out", d.e * d.nl * d.h, "ln2", ("gate_up",), True)
-    _gather(bld, d, "ag_fc1")
+    _attention_block(bld, d, drop, 4, True, "gate_up")
     bld.op("gate_up", ("ln2_out",), "gate_up_out", 2 * d.n * d.h * 2 * d.f,
            d.e * (d.n * d.h + 2 * d.n * d.f + 2 * d.h * d.f), gemm=True)
     bld.save("gate_up_out", d.e * 2 * d.n * d.f, "gate_up", ("swiglu",), not d.sp)
