@@ -15,6 +15,10 @@ from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
 
+TOKEN_BOOKKEEPING_BYTES = 9
+"""Per token: an int64 index plus a bool mask, kept by vocab-parallel embedding and CE."""
+
+
 @dataclass
 class _Builder:
     """Accumulates a layer program; segments advance at every forward collective."""
@@ -154,12 +158,27 @@ def _attention_core(bld: _Builder, d: _Dims, qkv: str, dropout: bool) -> str:
     return attn_in
 
 
+GPT_NORM_FLOPS, LLAMA_NORM_FLOPS = 8, 4
+"""FLOPs per element of LayerNorm and RMSNorm (they also tell the two apart)."""
+
+
+def _norm_stats(bld: _Builder, d: _Dims, norm: str, norm_flops: int) -> None:
+    """fp32 statistics a norm keeps for backward: mean and 1/std (LayerNorm) or 1/rms.
+
+    Korthikanti's formulas leave them out as small; autograd holds them, so the memory model
+    counts them (as `<norm>_stats`, never droppable: regenerating them is regenerating the norm).
+    """
+    per_token = 8 if norm_flops == GPT_NORM_FLOPS else 4
+    bld.save(f"{norm}_stats", per_token * d.nl, norm, (norm,), False)
+
+
 def _attention_block(bld: _Builder, d: _Dims, drop: bool, norm_flops: int, rope: bool,
                      mlp_in: str) -> None:
     """Norm, QKV (+RoPE), attention core, out-proj, its reduction, residual, second norm."""
     q_width = d.h // d.t
-    bld.op("ln1", (), "ln1_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
+    bld.op("ln1", ("x",), "ln1_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
     bld.save("x", d.e * d.nl * d.h, "", ("ln1",), False)
+    _norm_stats(bld, d, "ln1", norm_flops)
     bld.save("ln1_out", d.e * d.nl * d.h, "ln1", ("qkv",), True)
     _gather(bld, d, "ag_qkv")
     qkv_width = q_width + 2 * d.kv
@@ -173,6 +192,7 @@ def _attention_block(bld: _Builder, d: _Dims, drop: bool, norm_flops: int, rope:
     _reduce(bld, d, "ar_proj")
     _residual(bld, d, "res1", "h1", drop, ("ln2",))
     bld.op("ln2", ("h1",), "ln2_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
+    _norm_stats(bld, d, "ln2", norm_flops)
     bld.save("ln2_out", d.e * d.nl * d.h, "ln2", (mlp_in,), True)
     _gather(bld, d, "ag_fc1")
 
@@ -181,7 +201,7 @@ def gpt_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     """Megatron GPT layer: LN, QKV, attention, proj, dropout+residual, LN, FC1, GeLU, FC2."""
     d, drop = _dims(model, par), model.dropout > 0
     bld = _Builder("layer")
-    _attention_block(bld, d, drop, 8, False, "fc1")
+    _attention_block(bld, d, drop, GPT_NORM_FLOPS, False, "fc1")
     bld.op("fc1", ("ln2_out",), "fc1_out", 2 * d.n * d.h * d.f,
            d.e * (d.n * d.h + d.n * d.f + d.h * d.f), gemm=True)
     bld.save("fc1_out", d.e * d.n * d.f, "fc1", ("gelu",), not d.sp)
@@ -228,7 +248,7 @@ def llama_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     """LLaMA layer: RMSNorm, QKV (GQA) + RoPE, attention, o-proj, RMSNorm, SwiGLU MLP."""
     d, drop = _dims(model, par), model.dropout > 0
     bld = _Builder("layer")
-    _attention_block(bld, d, drop, 4, True, "gate_up")
+    _attention_block(bld, d, drop, LLAMA_NORM_FLOPS, True, "gate_up")
     bld.op("gate_up", ("ln2_out",), "gate_up_out", 2 * d.n * d.h * 2 * d.f,
            d.e * (d.n * d.h + 2 * d.n * d.f + 2 * d.h * d.f), gemm=True)
     bld.save("gate_up_out", d.e * 2 * d.n * d.f, "gate_up", ("swiglu",), not d.sp)
@@ -248,17 +268,23 @@ def embed_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     bld.op("lookup", (), "", 0.0, 2 * d.e * d.n * d.h)
     _reduce(bld, d, "ar_embed")
     bld.op("embed_dropout", (), "", 3 * d.nl * d.h, 3 * d.e * d.nl * d.h)
+    # int64 token ids + the bool "outside my vocab shard" mask for the embedding backward; the
+    # runtime hands them over once the reduction is done, so they are held from here
+    bld.save("embed_ids", TOKEN_BOOKKEEPING_BYTES * d.n, "embed_dropout", ("lookup",), False)
     if model.dropout > 0:
         bld.save("embed_mask", d.nl * d.h, "embed_dropout", ("embed_dropout",), False)
-    return bld.build({})
+    return bld.build(_bwd_colls(bld, d, (), ("lookup",)))
 
 
 def head_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     """Final norm, vocab-parallel LM head and vocab-parallel cross-entropy (fp32 softmax)."""
     d = _dims(model, par)
     bld = _Builder("head")
-    bld.op("final_ln", (), "final_ln_out", 8 * d.nl * d.h, 2 * d.e * d.nl * d.h)
+    norm_flops = GPT_NORM_FLOPS if model.family == "gpt" else LLAMA_NORM_FLOPS
+    bld.op("final_ln", ("final_ln_in",), "final_ln_out", norm_flops * d.nl * d.h,
+           2 * d.e * d.nl * d.h)
     bld.save("final_ln_in", d.e * d.nl * d.h, "", ("final_ln",), False)
+    _norm_stats(bld, d, "final_ln", norm_flops)
     bld.save("final_ln_out", d.e * d.nl * d.h, "final_ln", ("logits",), False)
     _gather(bld, d, "ag_head")
     bld.op("logits", ("final_ln_out",), "", 2 * d.n * d.h * d.v,
@@ -269,6 +295,7 @@ def head_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     bld.coll("ar_ce_sum", "all_reduce", 8 * d.n)
     bld.op("ce_loss", (), "softmax", 2 * d.n, 4 * d.n * d.v)
     bld.save("softmax", 4 * d.n * d.v, "ce_loss", ("ce_loss", "ce_sum", "ce_max"), False)
+    bld.save("ce_targets", TOKEN_BOOKKEEPING_BYTES * d.n, "ce_loss", ("ce_loss",), False)
     return bld.build(_bwd_colls(bld, d, ("logits",), ()))
 
 

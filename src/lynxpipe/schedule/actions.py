@@ -25,7 +25,8 @@ class Window:
     stage: int = -1
     """Virtual stage of the F/B or RECV hosting the window."""
     layer: int = -1
-    """Global layer index hosting the collective (-1 for embed/head or recv/on_demand)."""
+    """Global layer index hosting the collective: -1 for the embedding, num_layers for the LM
+    head (and -1 for recv/on_demand windows)."""
     step: int = -1
     """Index of the collective step in that layer's forward/backward program."""
     recv: Literal["", "RECV_F", "RECV_B"] = ""

@@ -74,9 +74,9 @@ def validate_layout(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
     if model.num_heads % par.tp:
         raise LynxError(f"tp={par.tp} does not divide num_heads={model.num_heads} of {model.name}; "
                         f"choose tp among the divisors of {model.num_heads}")
-    if model.num_kv_heads % par.tp and par.tp % model.num_kv_heads:
-        raise LynxError(f"tp={par.tp} and num_kv_heads={model.num_kv_heads} of {model.name} "
-                        f"must divide one another")
+    if model.num_kv_heads % par.tp:
+        raise LynxError(f"tp={par.tp} does not divide num_kv_heads={model.num_kv_heads} of "
+                        f"{model.name}; each TP rank needs whole key/value heads")
     if model.ffn_hidden_size % par.tp or model.vocab_size % par.tp:
         raise LynxError(f"tp={par.tp} must divide ffn_hidden_size={model.ffn_hidden_size} "
                         f"and vocab_size={model.vocab_size}")
