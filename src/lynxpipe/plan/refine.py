@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.options import option_for
+from lynxpipe.plan.policy import stage_layers
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Window
 from lynxpipe.sim.result import SimResult
 
 _HOST_KIND = {"fwd_coll": "F", "bwd_coll": "B"}
+REPAIR_ROUNDS = 4
 
 
 def _host_key(window: Window) -> tuple[str, int, int]:
@@ -61,12 +63,33 @@ def refine(req: PlanRequest, plan: Plan, sim: SimResult) -> Plan:
         moves = _moves(req, plan, sim, kinds)
         if not moves:
             continue
+        cand = _fitting(req, plan, moves, "/".join(sorted(kinds)))
+        if cand is not None and cand.predicted.step_time_ms < best.predicted.step_time_ms - 1e-9:
+            best = cand
+    return best
+
+
+def _fitting(req: PlanRequest, plan: Plan, moves: dict[TaskKey, Window],
+             label: str) -> Plan | None:
+    """Apply `moves`; where a rank then overshoots its budget, give back part of its moves
+    (forward-window ones first: their tensors are held longest) and try again."""
+    rank_of = {g: s % req.parallel.pp for s, rng in enumerate(stage_layers(plan.partition))
+               for g in rng}
+    for _ in range(REPAIR_ROUNDS):
         placement = {**_placement(plan), **moves}
         cand, _ = make_plan(req, plan.policy, plan.partition, plan.layers, placement,
                             plan.planner_ms, plan.mip_gap,
-                            plan.notes + (f"{len(moves)} tasks moved into idle "
-                                          f"{'/'.join(sorted(kinds))} windows",))
-        if cand.predicted.fits_budget and \
-                cand.predicted.step_time_ms < best.predicted.step_time_ms - 1e-9:
-            best = cand
-    return best
+                            plan.notes + (f"{len(moves)} tasks moved into idle {label} windows",))
+        over = {r for r, peak in enumerate(cand.predicted.peak_memory_bytes)
+                if peak > req.budget_bytes}
+        if not over:
+            return cand
+        for rank in over:
+            mine = sorted((k for k in moves if rank_of[k[1]] == rank),
+                          key=lambda k: (moves[k].kind != "fwd_coll", moves[k].mb))
+            forward = [k for k in mine if moves[k].kind == "fwd_coll"]
+            for key in forward or mine[:max(1, len(mine) // 2)]:
+                del moves[key]
+        if not moves:
+            return None
+    return None
