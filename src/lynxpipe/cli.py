@@ -1,4 +1,5 @@
-"""Command-line interface: `lynxpipe simulate | compare | plan` (plus `cluster` when installed).
+"""Command-line interface: `lynxpipe simulate | compare | plan | train` (plus `cluster` when
+installed).
 
 Every command takes the same spec flags (declared once, on `SpecArgs`, and injected by
 `spec_command`); a LynxError becomes one red `error: ...` line on stderr and exit code 2.
@@ -20,7 +21,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 
 from lynxpipe.artifact import fingerprint
-from lynxpipe.cost.table import CostTable, analytic_costs, load_profile
+from lynxpipe.cost.table import CostTable, analytic_costs, load_profile, profile_model
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.finalize import predict
 from lynxpipe.plan.planners import PLANNERS, make
@@ -92,6 +93,9 @@ class SpecArgs:
     virtual_stages: int = _opt(1, "--virtual-stages", help="Chunks per rank (interleaved).")
     distributed_optimizer: bool = _opt(False, "--distributed-optimizer",
                                        help="Shard optimizer state over DP.")
+    dtype_bytes: Optional[int] = _opt(None, "--dtype-bytes",
+                                      help="Bytes per activation element (default: the model's, "
+                                           "2 for the presets); `train` on CPU uses 4 (fp32).")
     budget: Optional[str] = _opt(None, "--budget", panel="Memory",
                                  help="Per-device budget (bytes or e.g. 40GiB); default: the "
                                       "cluster's device memory.")
@@ -156,18 +160,22 @@ def _reserve_bytes(text: str) -> int:
 
 
 def load_costs(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
-               profile: Path | None) -> CostTable:
-    """Analytic costs, or a profile.json checked to be made for this model and layout."""
+               profile: Path | None, adopt_dtype: bool = False) -> tuple[ModelSpec, CostTable]:
+    """Analytic costs, or a profile.json checked to be made for this model and layout.
+
+    With `adopt_dtype` (no --dtype-bytes given) the model takes the activation width the
+    profile was measured at (fp32 on CPU), so a CPU profile works with the preset's flags.
+    """
     if profile is None:
-        return analytic_costs(model, cluster, par)
+        return model, analytic_costs(model, cluster, par)
     table = _checked_load(load_profile, profile, "profile")
-    expect = fingerprint(model, par)
-    if table.spec_fingerprint != expect:
-        raise LynxError(f"{profile}: profile was made for other specs (fingerprint "
-                        f"{table.spec_fingerprint}, these specs: {expect}); re-run "
-                        f"`lynxpipe profile` with the same --model/--tp/--pp/--micro-batch-size/"
-                        f"--seq-len flags")
-    return table
+    found = profile_model(model, par, table, (4, 2, 1) if adopt_dtype else ())
+    if found is not None:
+        return found, table
+    raise LynxError(f"{profile}: profile was made for other specs (fingerprint "
+                    f"{table.spec_fingerprint}, these specs: {fingerprint(model, par)}); re-run "
+                    f"`lynxpipe profile` with the same --model/--tp/--pp/--micro-batch-size/"
+                    f"--seq-len flags (and --dtype-bytes, if you gave one)")
 
 
 def _checked_load(loader: Callable[[Path], Any], path: Path, what: str) -> Any:
@@ -184,6 +192,10 @@ def _checked_load(loader: Callable[[Path], Any], path: Path, what: str) -> Any:
 def build_request(spec: SpecArgs) -> PlanRequest:
     """Validate every flag and return the request all planners receive."""
     model, cluster = get_model(spec.model), get_cluster(spec.cluster)
+    if spec.dtype_bytes is not None:
+        if spec.dtype_bytes not in (1, 2, 4):
+            raise LynxError(f"--dtype-bytes {spec.dtype_bytes} must be 1, 2 or 4")
+        model = dataclasses.replace(model, dtype_bytes=spec.dtype_bytes)
     par = ParallelSpec(
         tp=spec.tp, pp=spec.pp, dp=spec.dp, sequence_parallel=spec.sequence_parallel,
         micro_batch_size=spec.micro_batch_size, num_microbatches=spec.num_microbatches,
@@ -197,7 +209,8 @@ def build_request(spec: SpecArgs) -> PlanRequest:
         raise LynxError(f"--partition {spec.partition!r} must be one of {', '.join(PARTITIONS)}")
     if not spec.time_limit > 0:
         raise LynxError(f"--time-limit {spec.time_limit} must be > 0 seconds")
-    return PlanRequest(model, cluster, par, budget, load_costs(model, cluster, par, spec.profile),
+    model, costs = load_costs(model, cluster, par, spec.profile, spec.dtype_bytes is None)
+    return PlanRequest(model, cluster, par, budget, costs,
                        partition=spec.partition,  # type: ignore[arg-type]
                        reserve_bytes=reserve, time_limit_s=spec.time_limit)
 
@@ -274,7 +287,7 @@ def simulate(spec: SpecArgs, policy: PolicyOpt = None,
             typer.echo("note: --plan carries its own specs; the spec flags are ignored", err=True)
         plan = _checked_load(load_plan, plan_file, "plan")
         plan, sim = traced(plan, load_costs(plan.model, plan.cluster, plan.parallel,
-                                            spec.profile))
+                                            spec.profile)[1])
     else:
         req = build_request(spec)
         plan = plan_one(policy or default_policy(), req)
@@ -359,6 +372,12 @@ else:
     app.add_typer(cluster_app, name="cluster")
 
 
+# `lynxpipe train` and `lynxpipe profile` register themselves on `app`; they import this
+# module, so import them by name only (whichever is imported first, each registers once)
+import lynxpipe.profile_cli  # noqa: E402,F401
+import lynxpipe.train_cli  # noqa: E402,F401
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -369,4 +388,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m lynxpipe.cli` runs this file as __main__; commands defined in other modules
+    # (train) register on the `app` of `lynxpipe.cli`, so run that one
+    from lynxpipe.cli import main as _main
+
+    _main()

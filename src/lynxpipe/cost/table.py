@@ -93,6 +93,8 @@ class CostTable:
     """Static bytes per parameter: weights, grads, optimizer state (sharded if configured)."""
     contention: float
     """Usable fraction of a communication window for overlapped compute."""
+    grad_buffer_bytes: int = 0
+    """Receive buffer of an output gradient, held from RECV_B until its backward ends."""
 
 
 def _roofline_ms(flops: float, nbytes: float, cluster: ClusterSpec) -> float:
@@ -152,6 +154,8 @@ def analytic_costs(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec) ->
         embed_params=model.vocab_size * model.hidden_size // par.tp,
         bytes_per_param=2.0 + 4.0 + opt_state,
         contention=cluster.contention,
+        grad_buffer_bytes=(model.dtype_bytes * par.seq_len * par.micro_batch_size
+                           * model.hidden_size // (par.tp if par.sequence_parallel else 1)),
     )
 
 
@@ -163,3 +167,16 @@ def save_profile(path: str | Path, table: CostTable) -> Path:
 def load_profile(path: str | Path) -> CostTable:
     """Read profile.json (kind and version checked)."""
     return load_artifact(path, "lynxpipe.profile", PROFILE_VERSION, CostTable)
+
+
+def profile_model(model: ModelSpec, par: ParallelSpec, table: CostTable,
+                  widths: tuple[int, ...] = (4, 2, 1)) -> ModelSpec | None:
+    """`model` at the activation width the profile was made for (fp32 on CPU: 4), trying
+    `model.dtype_bytes` first; None when the profile is for other specs."""
+    import dataclasses
+
+    for nbytes in dict.fromkeys((model.dtype_bytes, *widths)):
+        candidate = dataclasses.replace(model, dtype_bytes=nbytes)
+        if fingerprint(candidate, par) == table.spec_fingerprint:
+            return candidate
+    return None

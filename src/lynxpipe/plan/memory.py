@@ -60,6 +60,8 @@ def rank_budgets(costs: CostTable, partition: tuple[int, ...], order: PipelineOr
         if len(partition) - 1 in mine:
             extras += costs.head.graph.saved_bytes()
         extras = int(extras * inflight)
+        if mine != [len(partition) - 1]:  # a gradient receive buffer is held during B
+            extras += costs.grad_buffer_bytes
         left = (budget_bytes - reserve_bytes - static_bytes(costs, partition, order.pp, rank)
                 - extras)
         credit = costs.head.graph.saved_bytes() if len(partition) - 1 in mine else 0

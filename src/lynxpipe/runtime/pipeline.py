@@ -18,10 +18,7 @@ from lynxpipe.runtime.model import BuildConfig
 from lynxpipe.runtime.recompute import RecomputeEngine
 from lynxpipe.runtime.stage import Stage
 from lynxpipe.runtime.tp import TPContext
-from lynxpipe.schedule.actions import Action, PipelineOrder, Window
-
-Key = tuple[int, int]
-"""(micro-batch, virtual stage)."""
+from lynxpipe.schedule.actions import PipelineOrder, Window
 
 
 def rank_stages(plan: Plan, pp_rank: int) -> list[int]:
@@ -103,9 +100,5 @@ def p2p_order_problems(order: PipelineOrder) -> list[str]:
                 src = a.stage + (-1 if a.kind == "RECV_F" else 1)
                 received[(order.rank_of(src), r)].append((a.kind[-1], a.mb, a.stage))
     return [f"rank {s} sends to rank {d} in the order {sent[(s, d)][:4]}..., which receives "
-            f"{received[(s, d)][:4]}..." for (s, d) in sorted(sent) if sent[(s, d)] != received[(s, d)]]
-
-
-def describe(action: Action) -> str:
-    """Short label of an action in timings and messages."""
-    return str(action)
+            f"{received[(s, d)][:4]}..."
+            for (s, d) in sorted(sent) if sent[(s, d)] != received[(s, d)]]

@@ -155,6 +155,8 @@ class Simulator:
                     self._window(st, window, max(0.0, step.coll_ms - step.overlap_ms),
                                  f"TP L{layer}")
                 self._alloc(st, -step.free_bytes)
+        if action.stage < self.order.num_stages - 1:
+            self._alloc(st, -self.costs.grad_buffer_bytes)
         self._event(st, "compute", f"B{action.mb} s{action.stage}", "backward", start, st.t - start)
 
     def _send(self, st: _Rank, action: Action) -> None:
@@ -170,6 +172,8 @@ class Simulator:
             key = (action.kind[-1], action.mb, action.stage)
             if key not in self.arrivals:
                 return False
+            if action.kind == "RECV_B":  # the gradient lands in a buffer held through B
+                self._alloc(st, self.costs.grad_buffer_bytes)
             window = Window("recv", action.mb, action.stage, recv=action.kind)
             self._window(st, window, max(0.0, self.arrivals[key] - st.t),
                          f"wait {action.kind} mb{action.mb}")

@@ -1,0 +1,425 @@
+"""`lynxpipe profile --measure`, communication side: launch the ranks (plain loopback or inside
+the emulated cluster), time collectives, p2p and contention, and time ops on every rank.
+
+Each rank runs `python -m lynxpipe.runtime.profile_comm JOB.json OUT.json`: a gloo (NCCL with a
+GPU per rank) world for the messages, then a fake process group of the TP size for the ops
+(`profile.time_ops`), so all ranks compute at once, as the job's would. Rank 0 reports progress
+as JSON lines on stdout and writes the `Measurement`. A collective's time is the slowest rank's
+median, each repetition after a barrier; p2p is a send answered by a one-element ack, minus half
+the round trips' fitted intercept.
+
+Contention (`CostTable.contention`, SPEC §4): the simulator runs compute of isolated length up
+to c*W inside a window of length W and adds the rest to the step: elapsed = W + max(0, C - cW).
+The probe measures just that: an all-reduce alone (W), a matmul loop alone (C ~ W, all ranks
+computing) and both at once (T); c = (C + W - T) / W, clipped to [0.05, 1] (1: neither slowed
+the other; 0: they ran one after the other). Windows under `MIN_WINDOW_MS` are too short for a
+loop of whole matmuls, so the all-reduce grows from the model's size until it lasts that long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+
+from lynxpipe.artifact import from_dict, to_dict, write_json_atomic
+from lynxpipe.cost.fit import fit_alpha_beta
+from lynxpipe.errors import LynxError
+from lynxpipe.runtime.model import BuildConfig
+from lynxpipe.runtime.profile import (CommSamples, Measurement, ProfileJob, Progress, Series,
+                                      describe_device, median, time_ops)
+from lynxpipe.runtime.tp import (TPContext, issue_all_gather, issue_all_reduce,
+                                 issue_reduce_scatter, wait)
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+MIN_WINDOW_MS = 5.0
+"""Shortest all-reduce the contention probe uses."""
+MAX_WINDOW_BYTES = 64 << 20
+"""Largest all-reduce the contention probe grows to."""
+MIN_CONTENTION, MAX_CONTENTION = 0.05, 1.0
+"""Clip of the probed contention."""
+MESSAGE_REPEATS = 2
+"""Messages are cheap and noisier than ops: they get this many times --repeats."""
+COMM_TIMEOUT_S = 300.0
+"""torch.distributed timeout of the profiling world."""
+
+
+# -- timing on the ranks ----------------------------------------------------------------------
+
+def _clock(sync: bool) -> float:
+    """Milliseconds; waits for queued GPU work first so the interval covers it."""
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() * 1e3
+
+
+def _issue(kind: str, x: torch.Tensor, ctx: TPContext) -> Any:
+    """Issue one collective as the runtime does (its output buffers are allocated the same way)."""
+    if kind == "all_reduce":
+        return issue_all_reduce(x, ctx)
+    if kind == "all_gather":
+        return issue_all_gather(x, ctx)[1]
+    return issue_reduce_scatter(x, ctx)[1]
+
+
+def _input_numel(kind: str, size_bytes: int, elem: int, world: int) -> int:
+    """Input elements for a collective of `size_bytes` full-tensor bytes (all-gather: a shard)."""
+    full = max(world, round(size_bytes / elem / world) * world)
+    return full // world if kind == "all_gather" else full
+
+
+def _slowest(value: float, dev: str) -> float:
+    """The largest of the ranks' values (a collective is done when its last rank is)."""
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _time_coll(kind: str, x: torch.Tensor, ctx: TPContext, reps: int, sync: bool) -> list[float]:
+    """This rank's time of `reps` collectives, each started right after a barrier."""
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = _clock(sync)
+        wait(_issue(kind, x, ctx))
+        times.append(_clock(sync) - t0)
+    return times
+
+
+def _interleaved(timers: list[Callable[[], float]], job: ProfileJob,
+                 emit: Callable[[int, int], None]) -> list[float]:
+    """Median of each timer over the repeats, taken round-robin (a burst of load from elsewhere
+    hits every size alike instead of skewing one, and the fit), starting each round one timer
+    later (what ran just before, e.g. a big transfer, then differs too)."""
+    reps, n = job.warmup + MESSAGE_REPEATS * job.repeats, len(timers)
+    samples: list[list[float]] = [[] for _ in timers]
+    for rep in range(reps):
+        for i in [(rep + j) % n for j in range(n)]:
+            ms = timers[i]()
+            if rep >= job.warmup:
+                samples[i].append(ms)
+        emit(rep + 1, reps)
+    return [median(s) for s in samples]
+
+
+def collective_series(job: ProfileJob, ctx: TPContext, dev: str, sync: bool,
+                      emit: Progress) -> dict[str, Series]:
+    """Median (slowest rank's) time of every collective kind at every size."""
+    dtype, elem = getattr(torch, job.dtype), job.model.dtype_bytes
+    out = {}
+    for k, kind in enumerate(KINDS):
+        numels = [_input_numel(kind, size, elem, ctx.size) for size in job.coll_sizes_bytes]
+        bufs = [torch.ones(n, dtype=dtype, device=dev) for n in numels]
+        timers = [lambda x=x: _time_coll(kind, x, ctx, 1, sync)[0] for x in bufs]
+        step = lambda done, reps, k=k: emit("collectives", k * reps + done,  # noqa: E731
+                                            len(KINDS) * reps)
+        times = [_slowest(ms, dev) for ms in _interleaved(timers, job, step)]
+        scale = ctx.size if kind == "all_gather" else 1
+        out[kind] = Series(tuple(n * scale * elem for n in numels), tuple(times))
+    return out
+
+
+def _ping_ms(buf: torch.Tensor, ack: torch.Tensor, rank: int, sync: bool) -> float:
+    """Rank 0: send `buf` to rank 1 and wait for its one-element ack."""
+    dist.barrier()
+    if rank == 0:
+        t0 = _clock(sync)
+        dist.send(buf, 1)
+        dist.recv(ack, 1)
+        return _clock(sync) - t0
+    if rank == 1:
+        dist.recv(buf, 0)
+        dist.send(ack, 0)
+    return 0.0
+
+
+def p2p_series(job: ProfileJob, rank: int, dev: str, sync: bool, emit: Progress) -> Series:
+    """One-way time between ranks 0 and 1 at every p2p size (meaningful on rank 0).
+
+    A round trip of `size` out and one element back is 2*alpha + size*beta: fit it (a
+    one-element round trip included), then one-way = round trip - fitted intercept / 2.
+    """
+    dtype, elem = getattr(torch, job.dtype), job.model.dtype_bytes
+    numels = [1] + [max(1, size // elem) for size in job.p2p_sizes_bytes]
+    bufs = [torch.ones(n, dtype=dtype, device=dev) for n in numels]
+    ack = torch.ones(1, dtype=dtype, device=dev)
+    timers = [lambda b=b: _ping_ms(b, ack, rank, sync) for b in bufs]
+    rtts = _interleaved(timers, job, lambda done, reps: emit("p2p", done, reps))
+    sizes = [n * elem for n in numels]
+    back = fit_alpha_beta(sizes, rtts).alpha_ms / 2 if rank == 0 else 0.0
+    return Series(tuple(sizes[1:]), tuple(max(1e-6, rtt - back) for rtt in rtts[1:]))
+
+
+def _grow(numel: int, job: ProfileJob, dev: str, time_ms: Callable[[torch.Tensor], float]
+          ) -> tuple[torch.Tensor, float]:
+    """A buffer whose message (timed by `time_ms`, slowest rank) lasts >= MIN_WINDOW_MS, grown
+    2x at a time from `numel` elements (or the largest below MAX_WINDOW_BYTES)."""
+    dtype, elem = getattr(torch, job.dtype), job.model.dtype_bytes
+    while True:
+        x = torch.ones(numel, dtype=dtype, device=dev)
+        ms = _slowest(median([time_ms(x) for _ in range(4)][1:]), dev)
+        if ms >= MIN_WINDOW_MS or 2 * numel * elem > MAX_WINDOW_BYTES:
+            return x, ms
+        numel *= 2
+
+
+def _window(job: ProfileJob, ctx: TPContext, dev: str, sync: bool) -> tuple[torch.Tensor, float]:
+    """The contention probe's all-reduce: the layer's, grown to last >= MIN_WINDOW_MS."""
+    numel = _input_numel("all_reduce", job.window_bytes, job.model.dtype_bytes, ctx.size)
+    return _grow(numel, job, dev, lambda x: _time_coll("all_reduce", x, ctx, 1, sync)[0])
+
+
+def _compute_loop(job: ProfileJob, dev: str, sync: bool, window_ms: float) -> Callable[[], None]:
+    """k matmuls lasting about `window_ms` alone; each about 1/16 of it (at least 0.2 ms)."""
+    dtype = getattr(torch, job.dtype)
+    m = 64
+    while True:
+        a = torch.randn(m, m, device=dev).to(dtype)
+        a @ a
+        t0 = _clock(sync)
+        for _ in range(4):
+            a @ a
+        unit = (_clock(sync) - t0) / 4
+        if unit >= max(0.2, window_ms / 16) or m >= 4096:
+            break
+        m *= 2
+    k = max(1, round(window_ms / unit))
+
+    def loop() -> None:
+        for _ in range(k):
+            a @ a
+    return loop
+
+
+def contention_probe(job: ProfileJob, ctx: TPContext, dev: str,
+                     sync: bool) -> tuple[float, float, int]:
+    """(contention, window ms, window bytes); see the module doc for the definition."""
+    x, w = _window(job, ctx, dev, sync)
+    loop = _compute_loop(job, dev, sync, w)
+    estimates = []
+    for rep in range(job.warmup + job.repeats):
+        dist.barrier()
+        t0 = _clock(sync)
+        loop()
+        alone_c = _clock(sync) - t0
+        alone_w = _time_coll("all_reduce", x, ctx, 1, sync)[0]
+        dist.barrier()
+        t0 = _clock(sync)
+        work = issue_all_reduce(x, ctx)
+        loop()
+        wait(work)
+        both = _clock(sync) - t0
+        if rep >= job.warmup:
+            estimates.append((alone_c + alone_w - both) / alone_w)
+    mine = torch.tensor([median(estimates)], dtype=torch.float64, device=dev)
+    dist.all_reduce(mine)
+    c = float(mine.item()) / ctx.size  # the ranks' mean
+    return min(MAX_CONTENTION, max(MIN_CONTENTION, c)), w, x.numel() * job.model.dtype_bytes
+
+
+def measure_comm(job: ProfileJob, rank: int, dev: str, sync: bool, emit: Progress) -> CommSamples:
+    """Contention, collectives (tp > 1) and p2p over the whole launched world.
+
+    Every fit gets a message of >= MIN_WINDOW_MS (the contention window for collectives, a
+    grown send for p2p), so bandwidth dominates somewhere even on a fast link or a busy machine.
+    """
+    world, elem = dist.get_world_size(), job.model.dtype_bytes
+    ctx = TPContext(dist.group.WORLD, world, rank)
+    emit("contention", 0, 1)
+    contention, window_ms, window_bytes = contention_probe(job, ctx, dev, sync)
+    emit("contention", 1, 1)
+    ack = torch.ones(1, dtype=getattr(torch, job.dtype), device=dev)
+    send, _ = _grow(max(job.p2p_sizes_bytes) // elem, job, dev,
+                    lambda x: _ping_ms(x, ack, rank, sync))
+    job = replace(job, coll_sizes_bytes=_with(job.coll_sizes_bytes, window_bytes),
+                  p2p_sizes_bytes=_with(job.p2p_sizes_bytes, send.numel() * elem))
+    colls = collective_series(job, ctx, dev, sync, emit) if job.par.tp > 1 else {}
+    p2p = p2p_series(job, rank, dev, sync, emit)
+    return CommSamples(colls, p2p, contention, window_ms, window_bytes, dist.get_backend())
+
+
+def _with(sizes: tuple[int, ...], top: int) -> tuple[int, ...]:
+    """`sizes` reaching up to `top` in steps of 4x (one far point would pull a least-squares
+    fit's intercept around)."""
+    extra = []
+    while top > 4 * max(sizes + tuple(extra)):
+        extra.append(4 * max(sizes + tuple(extra)))
+    return sizes + tuple(extra) + ((top,) if top > max(sizes) else ())
+
+
+# -- one rank ---------------------------------------------------------------------------------
+
+def _emitter(rank: int) -> Progress:
+    """Rank 0 reports progress as JSON lines on stdout; the others stay quiet."""
+    def emit(what: str, done: int, total: int) -> None:
+        if rank == 0:
+            print(json.dumps({"what": what, "done": done, "total": total}), flush=True)
+    return emit
+
+
+def _devices(job: ProfileJob, rank: int, world: int) -> tuple[str, str, str]:
+    """(op device, message device, backend): NCCL only with a GPU per rank, else gloo on CPU."""
+    if job.device != "cuda":
+        return "cpu", "cpu", "gloo"
+    count = torch.cuda.device_count()
+    dev = f"cuda:{rank % count}"
+    torch.cuda.set_device(dev)
+    return (dev, dev, "nccl") if count >= world else (dev, "cpu", "gloo")
+
+
+def _op_context(job: ProfileJob, rank: int) -> TPContext:
+    """A fake process group of the TP size: real shard widths, free collectives."""
+    par = job.par
+    if par.tp == 1:
+        return TPContext()
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
+
+    dist.init_process_group("fake", rank=rank % par.tp, world_size=par.tp, store=FakeStore())
+    return TPContext(dist.group.WORLD, par.tp, rank % par.tp, par.sequence_parallel)
+
+
+def run_rank(job: ProfileJob, out: Path, rendezvous: Path) -> None:
+    """Everything one launched rank does; rank 0 writes the Measurement to `out`. The ranks
+    meet through the file `rendezvous` (no port to pick, so no clash with other jobs)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    emit = _emitter(rank)
+    op_dev, comm_dev, backend = _devices(job, rank, world)
+    if op_dev == "cpu":
+        torch.set_num_threads(1)  # one rank per core, as the runtime runs
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=COMM_TIMEOUT_S))
+    comm = measure_comm(job, rank, comm_dev, comm_dev != "cpu", emit)
+    dist.barrier()
+    dist.destroy_process_group()
+    tp = _op_context(job, rank)
+    gpu_of_its_own = not op_dev.startswith("cuda") or rank < torch.cuda.device_count()
+    cfg = BuildConfig(job.model, job.par, tp, getattr(torch, job.dtype), op_dev, job.seed)
+    if rank == 0 or gpu_of_its_own:  # ranks sharing rank 0's GPU would disturb its timing
+        ops = time_ops(cfg, job, emit)
+        if rank == 0:
+            concurrent = world if op_dev == "cpu" else min(world, torch.cuda.device_count())
+            write_json_atomic(out, to_dict(Measurement(ops, comm, describe_device(op_dev),
+                                                       concurrent)))
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of a launched rank: `python -m lynxpipe.runtime.profile_comm JOB OUT RDV`."""
+    try:
+        job = from_dict(ProfileJob, json.loads(Path(argv[0]).read_text()), "profile job")
+        run_rank(job, Path(argv[1]), Path(argv[2]))
+    except LynxError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+# -- launching ------------------------------------------------------------------------------
+
+def _pump(stream: IO[bytes], lines: queue.Queue[str]) -> None:
+    for raw in stream:
+        lines.put(raw.decode(errors="replace"))
+
+
+def _tail(log: Path, lines: int = 3) -> str:
+    text = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    useful = [ln for ln in text if "Warning" not in ln and "return func" not in ln]
+    return " | ".join(useful[-lines:]) or "(no output)"
+
+
+def _supervise(procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout_s: float,
+               progress: Progress) -> None:
+    """Relay rank 0's progress; on a failed rank or the timeout, kill all and say which."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert procs[0].stdout is not None
+    threading.Thread(target=_pump, args=(procs[0].stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                event = json.loads(lines.get(timeout=0.1))
+                progress(event["what"], event["done"], event["total"])
+            except (queue.Empty, ValueError, KeyError, TypeError):
+                pass
+            codes = [p.poll() for p in procs]
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                r, c = bad[0]
+                raise LynxError(f"profiling rank {r} failed (exit {c}): {_tail(logs[r])}")
+            if all(c == 0 for c in codes):
+                return
+            if time.monotonic() > deadline:
+                late = [r for r, c in enumerate(codes) if c is None]
+                raise LynxError(f"profiling timed out after {timeout_s:.0f} s (--timeout); ranks "
+                                f"{late} still running: {_tail(logs[late[0]])}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def _start(job: ProfileJob, argv: list[str], logs: list[Path], handle: Any) -> list[Any]:
+    """Start every rank: on loopback, or in the emulated cluster's namespaces (`handle`)."""
+    from lynxpipe.testbed import run_in_rank
+
+    env = {"TORCH_CPP_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+    if job.device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    procs = []
+    for r in range(job.ranks):
+        out = subprocess.PIPE if r == 0 else subprocess.DEVNULL
+        with open(logs[r], "wb") as log:
+            if handle is None:
+                plain = {"GLOO_SOCKET_IFNAME": "lo", "WORLD_SIZE": str(job.ranks), "RANK": str(r)}
+                procs.append(subprocess.Popen(argv, env={**os.environ, **env, **plain},
+                                              stdout=out, stderr=log))
+            else:  # run_in_rank sets RANK, WORLD_SIZE and the rank's own interface
+                procs.append(run_in_rank(handle, r, argv, env, stdout=out, stderr=log))
+    return procs
+
+
+def launch(job: ProfileJob, emulate: tuple[float, float] | None, timeout_s: float,
+           progress: Progress) -> Measurement:
+    """Run `job` on `job.ranks` processes (inside an emulated cluster of `emulate` =
+    (rate Mbit/s, latency ms) when given) and return rank 0's Measurement."""
+    with tempfile.TemporaryDirectory(prefix="lynxpipe-profile-") as tmp:
+        job_path = write_json_atomic(Path(tmp) / "job.json", to_dict(job))
+        out = Path(tmp) / "measurement.json"
+        logs = [Path(tmp) / f"rank{r}.log" for r in range(job.ranks)]
+        argv = [sys.executable, "-m", "lynxpipe.runtime.profile_comm", str(job_path), str(out),
+                str(Path(tmp) / "rendezvous")]
+        if emulate is None:
+            _supervise(_start(job, argv, logs, None), logs, timeout_s, progress)
+        else:
+            from lynxpipe.testbed import (
+                EmulatedCluster,
+                emulated,
+                free_cluster_id,
+                require_privileges,
+            )
+
+            require_privileges()
+            cluster = EmulatedCluster(num_ranks=job.ranks, rate_mbit=emulate[0],
+                                      latency_ms=emulate[1], cluster_id=free_cluster_id())
+            with emulated(cluster) as handle:
+                _supervise(_start(job, argv, logs, handle), logs, timeout_s, progress)
+        if not out.exists():
+            raise LynxError(f"profiling ranks exited without a result: {_tail(logs[0])}")
+        return from_dict(Measurement, json.loads(out.read_text()), "measurement")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
