@@ -221,7 +221,7 @@ def default_policy() -> str:
 
 
 def require_feasible(plans: list[Plan], req: PlanRequest) -> None:
-    """When no plan fits, say so with the smallest feasible budget (full recompute's)."""
+    """When no plan fits, say so with the smallest feasible budget."""
     if plans and not any(p.predicted.fits_budget for p in plans):
         make("full", req, strict=True)  # raises naming the smallest feasible budget
 

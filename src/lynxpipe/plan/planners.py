@@ -7,7 +7,11 @@ from typing import Callable
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.checkmate import plan_adapipe, plan_checkmate
 from lynxpipe.plan.heu import plan_lynx_heu
-from lynxpipe.plan.simple import plan_full, plan_full_block, plan_none, plan_selective
+from lynxpipe.plan.opt import plan_lynx_opt
+from lynxpipe.plan.finalize import make_plan
+from lynxpipe.plan.policy import LayerPolicy
+from lynxpipe.plan.simple import (default_partition, plan_full, plan_full_block, plan_none,
+                                  plan_selective)
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.units import format_bytes
 
@@ -22,12 +26,7 @@ PLANNERS: dict[str, Planner] = {
     "adapipe": plan_adapipe,
     "lynx-heu": plan_lynx_heu,
 }
-try:  # lynx-opt solves a larger MILP; registered when its module is present
-    from lynxpipe.plan.opt import plan_lynx_opt
-
-    PLANNERS["lynx-opt"] = plan_lynx_opt
-except ImportError:  # pragma: no cover
-    pass
+PLANNERS["lynx-opt"] = plan_lynx_opt
 
 
 def policies() -> list[str]:
@@ -45,13 +44,24 @@ def make(policy: str, req: PlanRequest, strict: bool = False) -> Plan:
     return plan
 
 
+def smallest_feasible_bytes(req: PlanRequest) -> int:
+    """Least per-device memory any plan needs: Megatron full recompute, or dropping every
+    droppable tensor segment by segment (no collective replay, but the outputs of collectives
+    stay), whichever needs less."""
+    drop_all = LayerPolicy(frozenset(t.name for t in req.costs.layer.graph.droppable()))
+    lean, _ = make_plan(req, "drop-all", default_partition(req),
+                        (drop_all,) * req.model.num_layers, None, 0.0)
+    return min(max(plan_full(req).predicted.peak_memory_bytes),
+               max(lean.predicted.peak_memory_bytes))
+
+
 def _too_small(policy: str, req: PlanRequest, plan: Plan) -> str:
     need = max(plan.predicted.peak_memory_bytes)
-    least = max(plan_full(req).predicted.peak_memory_bytes)
+    least = smallest_feasible_bytes(req)
     msg = (f"budget {format_bytes(req.budget_bytes)} per device is too small for policy "
            f"{policy!r} (its plan needs {format_bytes(need)})")
     if least > req.budget_bytes:
         return (msg + f"; no policy fits: the smallest feasible budget is {format_bytes(least)} "
-                f"({least} bytes, full recompute) — raise --budget, or add pipeline/tensor "
-                f"parallelism or a distributed optimizer")
-    return msg + f"; full recompute fits from {format_bytes(least)} — try another policy"
+                f"({least} bytes) — raise --budget, or add pipeline/tensor parallelism or a "
+                f"distributed optimizer")
+    return msg + f"; plans fit from {format_bytes(least)} — try full, checkmate or lynx-heu"
