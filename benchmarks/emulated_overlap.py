@@ -199,6 +199,13 @@ def _summary(cells: list[Cell]) -> list[str]:
     errors = [abs(c.predicted_ms / c.measured_ms - 1) for c in cells]
     lines.append(f"- Simulator error over all cells: median {statistics.median(errors):.1%}, "
                  f"max {max(errors):.1%} (targets: median ≤ 5%, every cell ≤ 10%).")
+    base = {(c.layout, c.rate): c for c in cells if c.policy == "none"}
+    ratio = [abs((c.predicted_ms / base[(c.layout, c.rate)].predicted_ms)
+                 / (c.measured_ms / base[(c.layout, c.rate)].measured_ms) - 1)
+             for c in cells if c.policy != "none" and (c.layout, c.rate) in base]
+    if ratio:
+        lines.append(f"- Error of the predicted slowdown over `none` (T/T_none, measured side by "
+                     f"side): median {statistics.median(ratio):.1%}, max {max(ratio):.1%}.")
     return lines
 
 
