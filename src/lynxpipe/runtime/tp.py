@@ -15,8 +15,9 @@ steps, so plans made for tp == 1 run unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,7 @@ class TPContext:
             raise LynxError(f"TPContext: rank={self.rank} is outside tp={self.size}")
 
     @staticmethod
-    def from_group(group: Any, sequence_parallel: bool = False) -> "TPContext":
+    def from_group(group: Any, sequence_parallel: bool = False) -> TPContext:
         """Context for this process inside `group` (None: tp == 1)."""
         if group is None:
             return TPContext(sequence_parallel=sequence_parallel)
@@ -85,6 +86,19 @@ def call_window(hook: WindowHook | None, kind: str, step: int) -> None:
     """Run the window hook, if any, for a step the graph knows."""
     if hook is not None and step >= 0:
         hook(kind, step)
+
+
+def reduce_in_window(out: Tensor, tp: TPContext, hook: WindowHook | None,
+                     steps: CollSteps) -> Tensor:
+    """Reduce a row-parallel output (reduce-scatter with SP), running the forward window
+    between issuing the collective and waiting for it."""
+    if tp.sequence_parallel:
+        out, work = issue_reduce_scatter(out, tp)
+    else:
+        work = issue_all_reduce(out, tp)
+    call_window(hook, "fwd_coll", steps.at("fwd", 0))
+    wait(work)
+    return out
 
 
 def wait(work: Any) -> None:
@@ -167,13 +181,7 @@ class _RowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, tp: TPContext, hook: WindowHook | None,
                 steps: CollSteps) -> Tensor:
-        out = F.linear(x, weight)
-        if tp.sequence_parallel:
-            out, work = issue_reduce_scatter(out, tp)
-        else:
-            work = issue_all_reduce(out, tp)
-        call_window(hook, "fwd_coll", steps.at("fwd", 0))
-        wait(work)
+        out = reduce_in_window(F.linear(x, weight), tp, hook, steps)
         ctx.save_for_backward(x, weight)
         ctx.tp, ctx.hook, ctx.steps = tp, hook, steps
         return out

@@ -12,8 +12,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lynxpipe.runtime.tp import (NO_STEPS, CollSteps, TPContext, WindowHook, call_window,
-                                 issue_all_gather, issue_all_reduce, issue_reduce_scatter, wait)
+from lynxpipe.runtime.tp import (
+    NO_STEPS,
+    CollSteps,
+    TPContext,
+    WindowHook,
+    call_window,
+    issue_all_gather,
+    issue_all_reduce,
+    reduce_in_window,
+    wait,
+)
 
 
 def _local_ids(ids: Tensor, start: int, count: int) -> tuple[Tensor, Tensor]:
@@ -31,12 +40,7 @@ class _VocabEmbedding(torch.autograd.Function):
         local, outside = _local_ids(ids, tp.rank * weight.shape[0], weight.shape[0])
         out = torch.nn.functional.embedding(local, weight)
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
-        if tp.sequence_parallel:
-            out, work = issue_reduce_scatter(out, tp)
-        else:
-            work = issue_all_reduce(out, tp)
-        call_window(hook, "fwd_coll", steps.at("fwd", 0))
-        wait(work)
+        out = reduce_in_window(out, tp, hook, steps)
         ctx.save_for_backward(local, outside)
         ctx.mark_non_differentiable(local, outside)
         ctx.tp, ctx.hook, ctx.steps, ctx.vocab = tp, hook, steps, weight.shape[0]
