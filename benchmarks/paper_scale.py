@@ -417,15 +417,13 @@ def why_windows(rows: Sequence[Row]) -> str:
             "remainders of the layer above), then a refinement pass moves on-demand tasks into "
             "idle RECV / forward-collective windows the simulation shows:\n" + "\n".join(lines)
             + "\n  Where the weight-gradient GEMM covers the whole backward all-reduce "
-            "(remainder 0%), the natural windows are empty and lynx-heu's plan is checkmate's, "
-            "all on demand, while lynx-opt hides recompute in forward TP waits and RECV waits "
-            "(*R tasks by window* below). The refinement does not get there because it moves "
-            "every on-demand task at once into the latest idle window with room (mostly the "
-            "cool-down RECV waits) and rejects the whole move set if the plan no longer fits: "
-            "on a100-nvlink gpt-22b @ 50% the moved plan reaches `none`'s 1,372 ms but peaks at "
-            "21.2 GiB on rank 0 against a 19.5 GiB budget (traced by hand), and nothing partial "
-            "or memory-aware is tried. This is a lynx-heu limitation, not a cost-model effect; "
-            "on PCIe the natural windows alone hold the recompute at loose budgets.")
+            "(remainder 0%), the natural windows are empty and lynx-heu starts from "
+            "checkmate-like keep sets; its refinement then moves on-demand tasks whole into the "
+            "latest idle RECV / forward-collective window with room, giving back moves of any "
+            "rank that would exceed its budget. It does not re-choose keep sets with those "
+            "windows in mind, which lynx-opt does (*R tasks by window* below): a lynx-heu "
+            "limitation, not a cost-model effect. On PCIe the natural windows alone hold the "
+            "recompute at loose budgets.")
 
 
 def why_memory(rows: Sequence[Row]) -> str:
