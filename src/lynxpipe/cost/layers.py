@@ -14,7 +14,6 @@ from lynxpipe.cost.graph import Collective, CollKind, LayerGraph, Op, Step, Tens
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
-
 TOKEN_BOOKKEEPING_BYTES = 9
 """Per token: an int64 index plus a bool mask, kept by vocab-parallel embedding and CE."""
 

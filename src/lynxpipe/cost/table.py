@@ -56,6 +56,13 @@ class LayerCost:
         """Time to regenerate the `dropped` tensors of `segment` from kept ones."""
         return sum(self.op_ms[op].fwd_ms for op in self.graph.recompute_ops(dropped, segment))
 
+    def part_ms(self, ops: tuple[str, ...], part: str) -> float:
+        """Compute time of `part` (fwd, dgrad, wgrad or bwd = both grads) of `ops`."""
+        times = [self.op_ms[o] for o in ops]
+        if part == "bwd":
+            return sum(t.dgrad_ms + t.wgrad_ms for t in times)
+        return sum(getattr(t, f"{part}_ms") for t in times)
+
     def fwd_coll_ms(self) -> float:
         """Blocking forward collective time (what Megatron full recompute replays)."""
         return sum(self.coll_ms[s.coll] for s in self.graph.fwd_steps if s.kind == "coll")

@@ -18,15 +18,15 @@ import numpy as np
 from lynxpipe.plan.checkmate import assign, checkmate_solver, tighten_loop
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
 from lynxpipe.plan.memory import RankBudget
-from lynxpipe.plan.options import LayerOption, layer_options
+from lynxpipe.plan.options import layer_options
+from lynxpipe.plan.partition import balanced_partition
 from lynxpipe.plan.policy import FULL, LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey, required_tasks
 from lynxpipe.plan.refine import refine
 from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import Plan, PlanRequest
-from lynxpipe.plan.windows import Slot, natural_slots
+from lynxpipe.plan.windows import Slot, exposure, natural_slots
 from lynxpipe.schedule.actions import Window
-
 
 TIE_BREAK = 1e-3
 
@@ -35,24 +35,7 @@ def choose_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
     """Uniform, or the recompute-aware balanced partition (default for lynx-*/adapipe)."""
     if req.partition == "uniform":
         return default_partition(req)
-    from lynxpipe.plan.partition import balanced_partition
-
     return balanced_partition(req, kind)
-
-
-def exposure(option: LayerOption, slots: dict[int, Slot], contention: float) -> float:
-    """Exposed recompute of one layer's tasks placed in their natural windows (per mb)."""
-    load: dict[Slot, float] = {}
-    exposed = 0.0
-    for seg, ms in option.seg_ms.items():
-        slot = slots.get(seg) if seg >= 0 else None
-        if slot is None:
-            exposed += ms
-        else:
-            load[slot] = load.get(slot, 0.0) + ms
-    for slot, ms in load.items():
-        exposed += max(0.0, ms - contention * slot.capacity_ms)
-    return exposed
 
 
 class HeuPlanner:
@@ -140,8 +123,7 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
     for partition in partitions:
         heu = HeuPlanner(req, partition)
         plan, sim = tighten_loop(req, partition, "lynx-heu", heu.solve, start, place=heu.place,
-                                 notes=(f"partition {partition}; keep sets chosen against "
-                                        f"natural windows",))
+                                 notes=(f"partition {partition}; keep sets by natural windows",))
         candidates.append(refine(req, plan, sim))
     best = _best(candidates)
     if best.predicted.recompute_exposed_ms > 0 or not best.predicted.fits_budget:

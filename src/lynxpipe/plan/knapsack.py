@@ -83,12 +83,7 @@ def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: 
     The LP optimum of a one-class multiple-choice knapsack mixes two adjacent hull options, so
     two-option mixes are (nearly) optimal and cheap enough to run for every DP cell.
     """
-    k = np.arange(count + 1)[None, None, :]
-    mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None]) \
-        + np.maximum(regen[:, None, None], regen[None, :, None])
-    total = k * cost[:, None, None] + (count - k) * cost[None, :, None]
-    feasible = total[mem <= budget]
-    return float(feasible.min()) if feasible.size else INFEASIBLE
+    return _pair_argmin(kept, regen, cost, count, inflight, budget)[0]
 
 
 def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,

@@ -3,18 +3,18 @@ where a stage's time includes the recompute that stays exposed under its own mem
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
 from lynxpipe.plan.finalize import base_order
+from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
 from lynxpipe.plan.memory import rank_budgets
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import PlanRequest
-from lynxpipe.plan.windows import natural_slots
-from lynxpipe.plan.heu import exposure
-from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
+from lynxpipe.plan.windows import exposure, natural_slots
+
 
 def _layer_ms(req: PlanRequest) -> float:
     """Forward + backward of a layer with its exposed TP communication (no recompute)."""
@@ -23,7 +23,7 @@ def _layer_ms(req: PlanRequest) -> float:
     bwd = cost.bwd_ms()
     for step in cost.graph.bwd_steps:
         if step.kind == "coll":
-            overlap = sum(getattr(cost.op_ms[o], f"{step.part}_ms") for o in step.ops)
+            overlap = cost.part_ms(step.ops, step.part)
             bwd += max(0.0, cost.coll_ms[step.coll] - overlap)
     return fwd + bwd
 
@@ -61,7 +61,7 @@ def balanced_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
     extra = [_extra_ms(req.costs.embed) if s == 0 else 0.0 for s in range(p)]
     extra[-1] += _extra_ms(req.costs.head)
 
-    @lru_cache(maxsize=None)
+    @cache
     def stage_ms(stage: int, count: int) -> float:
         # the stage's activation budget moves with its layer count (weights scale with it)
         delta = (count - uniform[stage]) * per_layer_static

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.checkmate import plan_adapipe, plan_checkmate
+from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.opt import plan_lynx_opt
-from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.policy import LayerPolicy
-from lynxpipe.plan.simple import (default_partition, plan_full, plan_full_block, plan_none,
-                                  plan_selective)
+from lynxpipe.plan.simple import (
+    default_partition,
+    plan_full,
+    plan_full_block,
+    plan_none,
+    plan_selective,
+)
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.units import format_bytes
 

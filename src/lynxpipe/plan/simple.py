@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 from lynxpipe.plan.finalize import make_plan
-from lynxpipe.plan.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers, uniform_partition
+from lynxpipe.plan.policy import (
+    FULL,
+    KEEP_ALL,
+    LayerPolicy,
+    stage_layers,
+    uniform_partition,
+)
 from lynxpipe.plan.types import Plan, PlanRequest
 
 SELECTIVE_TENSORS = frozenset({"probs", "probs_dropped"})
@@ -16,31 +22,28 @@ def default_partition(req: PlanRequest) -> tuple[int, ...]:
     return uniform_partition(req.model.num_layers, req.parallel.num_chunks)
 
 
+def _same_everywhere(req: PlanRequest, name: str, policy: LayerPolicy) -> Plan:
+    """Every layer under one policy, on Megatron's uniform partition."""
+    start = time.perf_counter()
+    layers = (policy,) * req.model.num_layers
+    return make_plan(req, name, default_partition(req), layers, None,
+                     1e3 * (time.perf_counter() - start))[0]
+
+
 def plan_none(req: PlanRequest) -> Plan:
     """Keep every activation."""
-    start = time.perf_counter()
-    partition = default_partition(req)
-    layers = (KEEP_ALL,) * req.model.num_layers
-    return make_plan(req, "none", partition, layers, None,
-                     1e3 * (time.perf_counter() - start))[0]
+    return _same_everywhere(req, "none", KEEP_ALL)
 
 
 def plan_full(req: PlanRequest) -> Plan:
     """Megatron full recompute, uniform: every layer keeps only its input."""
-    start = time.perf_counter()
-    partition = default_partition(req)
-    layers = (FULL,) * req.model.num_layers
-    return make_plan(req, "full", partition, layers, None,
-                     1e3 * (time.perf_counter() - start))[0]
+    return _same_everywhere(req, "full", FULL)
 
 
 def plan_selective(req: PlanRequest) -> Plan:
     """Megatron selective recompute: the attention core (softmax, dropout) of every layer."""
-    start = time.perf_counter()
-    present = {t.name for t in req.costs.layer.graph.droppable()}
-    layers = (LayerPolicy(dropped=SELECTIVE_TENSORS & frozenset(present)),) * req.model.num_layers
-    return make_plan(req, "selective", default_partition(req), layers, None,
-                     1e3 * (time.perf_counter() - start))[0]
+    present = frozenset(t.name for t in req.costs.layer.graph.droppable())
+    return _same_everywhere(req, "selective", LayerPolicy(dropped=SELECTIVE_TENSORS & present))
 
 
 def plan_full_block(req: PlanRequest) -> Plan:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lynxpipe.cost.table import CostTable, LayerCost
+from lynxpipe.plan.options import LayerOption
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ def _windows(cost: LayerCost, host: int) -> list[tuple[int, Slot]]:
     out = []
     for idx, step in enumerate(cost.graph.bwd_steps):
         if step.kind == "coll":
-            overlap = sum(getattr(cost.op_ms[o], f"{step.part}_ms") if step.part != "bwd"
-                          else cost.op_ms[o].dgrad_ms + cost.op_ms[o].wgrad_ms for o in step.ops)
+            overlap = cost.part_ms(step.ops, step.part)
             out.append((idx, Slot(host, idx, max(0.0, cost.coll_ms[step.coll] - overlap))))
     return out
 
@@ -72,3 +72,18 @@ def natural_slots(costs: CostTable, layers: range | list[int], has_head: bool,
                 claimed.add(chosen)
         seen += [slot for _, slot in windows]
     return slots
+
+
+def exposure(option: LayerOption, slots: dict[int, Slot], contention: float) -> float:
+    """Exposed recompute of one layer's tasks placed in their natural windows (per mb)."""
+    load: dict[Slot, float] = {}
+    exposed = 0.0
+    for seg, ms in option.seg_ms.items():
+        slot = slots.get(seg) if seg >= 0 else None
+        if slot is None:
+            exposed += ms
+        else:
+            load[slot] = load.get(slot, 0.0) + ms
+    for slot, ms in load.items():
+        exposed += max(0.0, ms - contention * slot.capacity_ms)
+    return exposed

@@ -9,8 +9,6 @@ from pathlib import Path
 from lynxpipe.artifact import load_artifact, save_artifact
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan, PlanRequest, plan_fingerprint
-from lynxpipe.specs.model import ModelSpec
-from lynxpipe.specs.parallel import ParallelSpec
 
 JOB_VERSION = 1
 
@@ -64,20 +62,20 @@ def collective_timeout_s(timeout_s: float) -> float:
     return max(1.0, 0.75 * timeout_s)
 
 
+def _field_diff(old: object, new: object) -> str:
+    """`name old vs new` for every dataclass field that differs."""
+    return ", ".join(f"{f.name} {getattr(old, f.name)!r} vs {getattr(new, f.name)!r}"
+                     for f in fields(old) if getattr(old, f.name) != getattr(new, f.name))
+
+
 def _differences(plan: Plan, req: PlanRequest) -> str:
     parts = []
     if plan.model != req.model:
-        what = [f"{f.name} {getattr(plan.model, f.name)!r} vs {getattr(req.model, f.name)!r}"
-                for f in fields(ModelSpec)
-                if getattr(plan.model, f.name) != getattr(req.model, f.name)]
-        parts.append("model (" + ", ".join(what) + ")")
+        parts.append(f"model ({_field_diff(plan.model, req.model)})")
     if plan.cluster != req.cluster:
         parts.append(f"cluster ({plan.cluster.name} vs {req.cluster.name})")
     if plan.parallel != req.parallel:
-        what = [f"{f.name} {getattr(plan.parallel, f.name)!r} vs {getattr(req.parallel, f.name)!r}"
-                for f in fields(ParallelSpec)
-                if getattr(plan.parallel, f.name) != getattr(req.parallel, f.name)]
-        parts.append("layout (" + ", ".join(what) + ")")
+        parts.append(f"layout ({_field_diff(plan.parallel, req.parallel)})")
     if plan.budget_bytes != req.budget_bytes:
         parts.append(f"budget ({plan.budget_bytes} vs {req.budget_bytes} bytes)")
     return "; ".join(parts) or "specs"

@@ -74,8 +74,7 @@ class Simulator:
         if not nbytes:
             return
         st.mem += nbytes
-        if st.mem > st.peak:
-            st.peak = st.mem
+        st.peak = max(st.peak, st.mem)
         st.timeline.append((st.t, st.mem))
 
     def _task(self, action: Action) -> Task:

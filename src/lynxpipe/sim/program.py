@@ -109,15 +109,6 @@ def _fwd_steps(cost: LayerCost, kept: set[str]) -> list[FwdStep]:
     return steps
 
 
-def _part_ms(cost: LayerCost, ops: tuple[str, ...], part: str) -> float:
-    times = [cost.op_ms[o] for o in ops]
-    if part == "dgrad":
-        return sum(t.dgrad_ms for t in times)
-    if part == "wgrad":
-        return sum(t.wgrad_ms for t in times)
-    return sum(t.dgrad_ms + t.wgrad_ms for t in times)
-
-
 def _need_ops(cost: LayerCost, tasks: dict[int, Task]) -> dict[str, set[int]]:
     """For each op, the task segments whose tensors its backward reads."""
     graph = cost.graph
@@ -150,7 +141,7 @@ def _bwd_steps(cost: LayerCost, tasks: dict[int, Task]) -> list[BwdStep]:
                     pending.discard(seg)
         frees = step.part in ("bwd", "wgrad")
         freed = sum(free_at.get(o, 0) for o in step.ops) if frees else 0
-        work = _part_ms(cost, step.ops, step.part)
+        work = cost.part_ms(step.ops, step.part)
         if step.kind == "compute":
             steps.append(BwdStep(tuple(needs), work, 0.0, -1.0, freed, idx))
         else:
