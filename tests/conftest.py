@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+
+from hypothesis import settings
 
 from lynxpipe.cost.table import CostTable, LayerCost, OpTime, analytic_costs
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
+
+# CI runs the same examples every time (a red build is reproducible); `explore` draws new ones:
+#   HYPOTHESIS_PROFILE=explore LYNX_EXAMPLES=300 pytest tests/test_planners.py
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _scaled(cost: LayerCost, fwd_ms: float, bwd_ms: float, coll_ms: float) -> LayerCost:

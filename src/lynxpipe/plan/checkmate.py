@@ -1,5 +1,12 @@
 """`checkmate`: optimal keep/drop under the budget minimising total recompute time, all on demand
-(a Checkmate-style MILP on our layer model, solved per pipeline rank with HiGHS)."""
+(a Checkmate-style MILP on our layer model, solved per pipeline rank with HiGHS).
+
+With every task on demand each backward of a rank grows by the same recompute time, and the step
+is monotone in every action's duration, so least recompute per rank is least step time; the
+memory rows are the simulator's own event accounting (`milp.RankMilp`), so the plan is exact,
+not a bound. Interleaved schedules (several stages per rank) fall back to a count knapsack with
+a conservative memory bound, corrected by simulation.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,9 @@ import numpy as np
 from lynxpipe.plan.finalize import base_order, make_plan
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.memory import RankBudget, rank_budgets
+from lynxpipe.plan.milp import Lp, RankMilp
 from lynxpipe.plan.options import LayerOption, layer_options, pareto
+from lynxpipe.plan.period import layer_data, make_period
 from lynxpipe.plan.policy import FULL, LayerPolicy
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.simple import default_partition
@@ -38,10 +47,11 @@ def assign(layers: tuple[int, ...], counts: tuple[int, ...],
 
 def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve: Solver,
                  start: float, notes: tuple[str, ...] = (), place: Placer | None = None,
-                 ) -> tuple[Plan, SimResult]:
+                 relax: bool = True) -> tuple[Plan, SimResult]:
     """Solve every rank, simulate, and shrink the budget of ranks the simulator finds over it.
 
-    `place` maps the chosen policies to recompute windows (None: everything on demand).
+    `place` maps the chosen policies to recompute windows (None: everything on demand);
+    `relax` hands the simulator's slack back to a conservative solver after its first fit.
     """
     order = base_order(req)
     budgets = rank_budgets(req.costs, partition, order, req.budget_bytes, req.reserve_bytes)
@@ -55,7 +65,7 @@ def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve:
         if all(o <= 0 for o in over) and (
                 best is None or plan.predicted.step_time_ms < best[0].predicted.step_time_ms):
             best = (plan, sim)
-        nxt = [_next_margin(r, m, o, fit, fail, req.budget_bytes)
+        nxt = [_next_margin(r, m, o, fit, fail, req.budget_bytes, relax)
                for r, (m, o) in enumerate(zip(margins, over))]
         if all(m is None for m in nxt):
             break
@@ -64,7 +74,7 @@ def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve:
 
 
 def _next_margin(rank: int, margin: int, over: int, fit: list, fail: list,
-                 budget: int) -> int | None:
+                 budget: int, relax: bool) -> int | None:
     """Bisect each rank's estimate margin between 'fits' and 'overshoots' (None: settled).
 
     The memory estimate is conservative (peaks of forward and backward do not coincide), so
@@ -78,7 +88,7 @@ def _next_margin(rank: int, margin: int, over: int, fit: list, fail: list,
     if fit[rank] is None:
         return margin + over
     if fail[rank] is None:  # relax once; a second fit without any overshoot means settled
-        return margin + over if first_fit and over < -budget // 100 else None
+        return margin + over if relax and first_fit and over < -budget // 100 else None
     if fit[rank] - fail[rank] <= budget // 200:
         return None
     return (fit[rank] + fail[rank]) // 2
@@ -104,8 +114,40 @@ def _solve_all(req: PlanRequest, partition: tuple[int, ...], name: str, solve: S
                      1e3 * (time.perf_counter() - start), gap, notes)
 
 
-def checkmate_solver(req: PlanRequest) -> Solver:
-    """Per-rank MILP minimising total (on-demand) recompute time."""
+def checkmate_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
+    """Per-rank MILP minimising total (on-demand) recompute time: exact memory rows where the
+    period model applies (one stage per rank), the count knapsack otherwise."""
+    if req.parallel.virtual_stages == 1:
+        return exact_solver(req, partition)
+    return knapsack_solver(req)
+
+
+def exact_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
+    """Per-layer points with the simulator's memory at every event of the rank's period."""
+    data = layer_data(req.costs.layer, layer_options(req.costs.layer))
+    periods = {r: make_period(req, partition, r, windows=False) for r in range(req.parallel.pp)}
+
+    def solve(rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
+        lp = Lp()
+        model = RankMilp(lp, data, periods[rb.rank], req.model.num_layers,
+                         rb.activation_bytes + rb.extras_bytes - margin)
+        # normalised: HiGHS fails numerically on objectives of 1e-5 (tiny test models)
+        unit = max(model.tie.values(), default=0.0) or 1.0
+        for v, ms in model.tie.items():
+            lp.c[v] += ms / unit
+        out = lp.solve(req.time_limit_s)
+        if out is None:
+            return {g: FULL for g in rb.layers}, 0.0
+        x, gap = out
+        total = float(np.dot(lp.c, x))
+        return model.extract(x)[0], gap / total if total > 0 else 0.0
+
+    return solve
+
+
+def knapsack_solver(req: PlanRequest) -> Solver:
+    """Per-rank count knapsack minimising total (on-demand) recompute time; its memory bound
+    (in-flight x kept + one layer's regenerated bytes) is conservative."""
     options = pareto(layer_options(req.costs.layer), lambda o: o.total_ms)
     cost = np.array([[o.total_ms for o in options]])
 
@@ -120,10 +162,17 @@ def checkmate_solver(req: PlanRequest) -> Solver:
     return solve
 
 
+def checkmate_run(req: PlanRequest, partition: tuple[int, ...], name: str, start: float,
+                  notes: tuple[str, ...] = ()) -> tuple[Plan, SimResult]:
+    """Checkmate on a given partition, with the simulation of its plan."""
+    conservative = req.parallel.virtual_stages > 1  # the knapsack: hand slack back once
+    return tighten_loop(req, partition, name, checkmate_solver(req, partition), start, notes,
+                        relax=conservative)
+
+
 def plan_checkmate_on(req: PlanRequest, partition: tuple[int, ...], name: str) -> Plan:
     """Checkmate on a given partition."""
-    start = time.perf_counter()
-    return tighten_loop(req, partition, name, checkmate_solver(req), start)[0]
+    return checkmate_run(req, partition, name, time.perf_counter())[0]
 
 
 def plan_checkmate(req: PlanRequest) -> Plan:

@@ -15,18 +15,25 @@ from dataclasses import replace
 
 import numpy as np
 
-from lynxpipe.plan.checkmate import assign, checkmate_solver, tighten_loop
+from lynxpipe.plan.checkmate import (
+    assign,
+    checkmate_run,
+    checkmate_solver,
+    tighten_loop,
+)
+from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
 from lynxpipe.plan.memory import RankBudget
 from lynxpipe.plan.options import layer_options
 from lynxpipe.plan.partition import balanced_partition
-from lynxpipe.plan.policy import FULL, LayerPolicy, stage_layers
+from lynxpipe.plan.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey, required_tasks
 from lynxpipe.plan.refine import refine
 from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.plan.windows import Slot, exposure, natural_slots
 from lynxpipe.schedule.actions import Window
+from lynxpipe.sim.engine import simulate
 
 TIE_BREAK = 1e-3
 
@@ -112,9 +119,9 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
     """lynx-heu: window-aware replicated-layer knapsack + natural placement + refinement.
 
     Tried on the balanced partition and, when it differs, on the uniform one (the partitioner's
-    estimate ignores pipeline dependencies). When some recompute stays exposed, checkmate's
-    on-demand-optimal keep sets are also tried with the same windows, so lynx-heu is never
-    slower than checkmate.
+    estimate ignores pipeline dependencies). Unless the result already runs as fast as keeping
+    everything, checkmate's on-demand-optimal keep sets are also tried (with the same windows,
+    and as checkmate's own plan refined), so lynx-heu is never slower than checkmate.
     """
     start = time.perf_counter()
     uniform = default_partition(req)
@@ -126,12 +133,38 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
                                  notes=(f"partition {partition}; keep sets by natural windows",))
         candidates.append(refine(req, plan, sim))
     best = _best(candidates)
-    if best.predicted.recompute_exposed_ms > 0 or not best.predicted.fits_budget:
-        heu = HeuPlanner(req, uniform)
-        plan, sim = tighten_loop(req, uniform, "lynx-heu", checkmate_solver(req), start,
-                                 place=heu.place, notes=("checkmate keep sets, windowed",))
-        best = _best(candidates + [refine(req, plan, sim)])
+    if not _at_floor(req, best, uniform):
+        candidates += _checkmate_candidates(req, uniform, start)
+        best = _best(candidates)
     return replace(best, planner_ms=1e3 * (time.perf_counter() - start))
+
+
+def _at_floor(req: PlanRequest, plan: Plan, uniform: tuple[int, ...]) -> bool:
+    """Whether `plan` fits and runs as fast as keeping everything on the uniform partition,
+    which no on-demand plan there (checkmate's included) can beat.
+
+    Nothing exposed means every action takes its keep-everything time, so on the uniform
+    partition the step is that floor; another partition needs the floor simulated.
+    """
+    if not plan.predicted.fits_budget or plan.predicted.recompute_exposed_ms > 0:
+        return False
+    if plan.partition == uniform:
+        return True
+    keep = simulate(req.costs, uniform, (KEEP_ALL,) * req.model.num_layers, base_order(req))
+    return plan.predicted.step_time_ms <= keep.step_time_ms
+
+
+def _checkmate_candidates(req: PlanRequest, partition: tuple[int, ...],
+                          start: float) -> list[Plan]:
+    """checkmate's keep sets with the natural windows, and checkmate's own on-demand plan;
+    both refined into idle windows (refinement only keeps what is faster, so the second is
+    never slower than checkmate)."""
+    solver = checkmate_solver(req, partition)
+    heu = HeuPlanner(req, partition)
+    windowed = tighten_loop(req, partition, "lynx-heu", solver, start, place=heu.place,
+                            notes=("checkmate keep sets, windowed",))
+    on_demand = checkmate_run(req, partition, "lynx-heu", start, ("checkmate keep sets",))
+    return [refine(req, *windowed), refine(req, *on_demand)]
 
 
 def _best(plans: list[Plan]) -> Plan:
