@@ -3,12 +3,20 @@
 TP ranks of a stage run identical programs, so one simulated rank stands for its TP group and
 TP collectives are fixed-duration blocking steps. Ranks advance round-robin until each blocks on a
 RECV whose SEND has not been simulated yet; no progress means deadlock.
+
+Planners call `simulate` ~30 times per run, so the F/B loops are written for speed: each stage's
+steps are flattened once into tuples, the rank's clock and counters live in locals, and a window
+that hosts no recompute (the common case) is handled inline, WindowUse records are built in bulk
+at the end, and the cyclic GC is paused during a run. Every float is still accumulated in the same
+order as the straightforward interpreter, so results are bit-for-bit unchanged.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
@@ -18,10 +26,33 @@ from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.sim.program import Program, Task, compile_program
 from lynxpipe.sim.result import RankStats, SimResult, TraceEvent, WindowUse
 
+WindowKey = tuple[str, int, int, int, int, str]
+"""A Window's fields in order (kind, mb, stage, layer, step, recv): hashes and compares like the
+Window itself but costs a fraction to build and hash."""
 
-@dataclass
+FwdEntry = tuple[int, float, int, float, int]
+"""(layer, compute_ms, alloc_bytes, coll_ms, step) of one forward step of a stage."""
+BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, float, int, int]
+"""(layer, tasks, needs, compute_ms, overlap_ms, coll_ms, window wait_ms, free_bytes, step)."""
+
+_WINDOWS: dict[WindowKey, Window] = {}
+"""Window objects are immutable values; building a frozen dataclass costs ~1 us and a step opens
+thousands of windows, so they are shared across simulations (bounded by _WINDOWS_MAX)."""
+_WINDOWS_MAX = 1 << 18
+
+
+def _window_of(key: WindowKey) -> Window:
+    window = _WINDOWS.get(key)
+    if window is None:
+        if len(_WINDOWS) >= _WINDOWS_MAX:
+            _WINDOWS.clear()
+        window = _WINDOWS[key] = Window(*key)
+    return window
+
+
+@dataclass(slots=True)
 class _Rank:
-    """Mutable state of one simulated rank."""
+    """Mutable state of one simulated rank (slots: its fields are read in the hot loops)."""
 
     rank: int
     actions: tuple[Action, ...]
@@ -30,8 +61,12 @@ class _Rank:
     comm_free: float = 0.0
     mem: int = 0
     peak: int = 0
-    stats: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    pinned: dict[Window, list[Action]] = field(default_factory=lambda: defaultdict(list))
+    compute_ms: float = 0.0
+    comm_exposed_ms: float = 0.0
+    idle_ms: float = 0.0
+    recompute_hidden_ms: float = 0.0
+    recompute_exposed_ms: float = 0.0
+    pinned: dict[WindowKey, list[Action]] = field(default_factory=dict)
     done: set[tuple[int, int, int]] = field(default_factory=set)
     timeline: list[tuple[float, int]] = field(default_factory=list)
 
@@ -49,15 +84,21 @@ class Simulator:
         self.partition = partition
         self.stage_layers = stage_layers(partition)
         self.num_layers = len(layers)
-        cache: dict[LayerPolicy, Program] = {}
-        self.programs = [cache.setdefault(p, compile_program(costs.layer, p)) for p in layers]
+        self.programs = [compile_program(costs.layer, p) for p in layers]
         self.embed = compile_program(costs.embed, KEEP_ALL)
         self.head = compile_program(costs.head, KEEP_ALL)
         self.arrivals: dict[tuple[str, int, int], float] = {}
         self.events: list[TraceEvent] = []
-        self.windows: list[WindowUse] = []
+        self.windows: list[tuple[int, Window, float, float, float]] = []
+        """WindowUse fields of every window opened, in order (built in bulk at the end)."""
+        # An empty window's outcome reduces exactly to "idle for wait_ms" only when capacity
+        # (wait_ms * contention) is >= 0 and used / contention is defined; otherwise (and when
+        # tracing) every window takes the general path.
+        self._inline = costs.contention > 0 and not trace
+        self._fwd = [self._fwd_entries(s) for s in range(order.num_stages)]
+        self._bwd = [self._bwd_entries(s) for s in range(order.num_stages)]
 
-    # -- helpers -----------------------------------------------------------------------------
+    # -- set-up ------------------------------------------------------------------------------
     def _units(self, stage: int) -> list[tuple[int, Program]]:
         """(layer id, program) of a virtual stage; embed is layer -1, head is layer L."""
         units = [(-1, self.embed)] if stage == 0 else []
@@ -66,6 +107,16 @@ class Simulator:
             units.append((self.num_layers, self.head))
         return units
 
+    def _fwd_entries(self, stage: int) -> list[FwdEntry]:
+        return [(layer, s.compute_ms, s.alloc_bytes, s.coll_ms, s.step)
+                for layer, prog in self._units(stage) for s in prog.fwd]
+
+    def _bwd_entries(self, stage: int) -> list[BwdEntry]:
+        return [(layer, prog.tasks, s.needs, s.compute_ms, s.overlap_ms, s.coll_ms,
+                 max(0.0, s.coll_ms - s.overlap_ms), s.free_bytes, s.step)
+                for layer, prog in reversed(self._units(stage)) for s in prog.bwd]
+
+    # -- helpers -----------------------------------------------------------------------------
     def _event(self, st: _Rank, stream: str, name: str, cat: str, start: float, dur: float) -> None:
         if self.trace and dur > 0:
             self.events.append(TraceEvent(st.rank, stream, name, cat, start, dur))
@@ -84,110 +135,201 @@ class Simulator:
                             f"{action.segment}, so there is nothing to recompute")
         return tasks[action.segment]
 
-    def _window(self, st: _Rank, window: Window, wait_ms: float, label: str) -> None:
-        """Idle for `wait_ms` on the compute stream, filled with the tasks pinned to `window`.
+    def _window(self, st: _Rank, key: WindowKey, wait_ms: float, label: str) -> None:
+        """Idle for `wait_ms` on the compute stream, filled with the tasks pinned to `key`.
 
         Compute inside a window gets `contention` of it; what does not fit runs after it.
         """
-        capacity = wait_ms * self.costs.contention
-        used = 0.0
-        for action in st.pinned.pop(window, []):
-            key = (action.mb, action.layer, action.segment)
-            if key in st.done:
-                raise LynxError(f"rank {st.rank}: {action} recomputed twice")
-            task = self._task(action)
-            hidden = max(0.0, min(task.duration_ms, capacity - used))
-            name = f"R mb{action.mb} L{action.layer} seg{action.segment}"
-            self._event(st, "compute", name, "recompute_hidden", st.t + used, hidden)
-            self._event(st, "compute", name, "recompute_exposed",
-                        st.t + wait_ms + max(0.0, used - capacity), task.duration_ms - hidden)
-            used += task.duration_ms
-            st.stats["recompute_hidden_ms"] += hidden
-            st.stats["recompute_exposed_ms"] += task.duration_ms - hidden
-            st.done.add(key)
-            self._alloc(st, task.alloc_bytes)
-        self.windows.append(WindowUse(st.rank, window, st.t, wait_ms, used))
-        idle = max(0.0, wait_ms - used / self.costs.contention)
-        cat = "idle" if window.kind == "recv" else "tp_comm"
-        self._event(st, "compute", label, cat, st.t + wait_ms - idle, idle)
-        st.stats["idle_ms" if window.kind == "recv" else "comm_exposed_ms"] += idle
+        contention = self.costs.contention
+        capacity = wait_ms * contention
+        pinned = st.pinned.pop(key, None)
+        used = self._fill(st, pinned, wait_ms, capacity) if pinned else 0.0
+        self.windows.append((st.rank, _WINDOWS.get(key) or _window_of(key), st.t, wait_ms, used))
+        idle = max(0.0, wait_ms - used / contention)
+        recv = key[0] == "recv"
+        if self.trace:
+            self._event(st, "compute", label, "idle" if recv else "tp_comm",
+                        st.t + wait_ms - idle, idle)
+        if recv:
+            st.idle_ms += idle
+        else:
+            st.comm_exposed_ms += idle
         st.t += wait_ms + max(0.0, used - capacity)
 
-    def _on_demand(self, st: _Rank, mb: int, layer: int, segment: int) -> None:
+    def _fill(self, st: _Rank, pinned: list[Action], wait_ms: float, capacity: float) -> float:
+        """Run the recompute `pinned` to a window opening at st.t; returns the compute used.
+
+        The clock stays at the window start meanwhile, so allocations are stamped st.t.
+        """
+        t, mem, peak, timeline, done = st.t, st.mem, st.peak, st.timeline, st.done
+        hidden_ms, exposed_ms, used = st.recompute_hidden_ms, st.recompute_exposed_ms, 0.0
+        programs, num_layers = self.programs, self.num_layers
+        for action in pinned:
+            layer = action.layer
+            key = (action.mb, layer, action.segment)
+            if key in done:
+                raise LynxError(f"rank {st.rank}: {action} recomputed twice")
+            task = programs[layer].tasks.get(action.segment) if 0 <= layer < num_layers else None
+            if task is None:
+                task = self._task(action)  # raises: nothing to recompute there
+            dur = task.duration_ms
+            hidden = max(0.0, min(dur, capacity - used))
+            if self.trace:
+                name = f"R mb{action.mb} L{action.layer} seg{action.segment}"
+                self._event(st, "compute", name, "recompute_hidden", t + used, hidden)
+                self._event(st, "compute", name, "recompute_exposed",
+                            t + wait_ms + max(0.0, used - capacity), dur - hidden)
+            used += dur
+            hidden_ms += hidden
+            exposed_ms += dur - hidden
+            done.add(key)
+            if task.alloc_bytes:
+                mem += task.alloc_bytes
+                if mem > peak:  # noqa: PLR1730 -- max(peak, mem) exactly, minus a call
+                    peak = mem
+                timeline.append((t, mem))
+        st.mem, st.peak = mem, peak
+        st.recompute_hidden_ms, st.recompute_exposed_ms = hidden_ms, exposed_ms
+        return used
+
+    # -- actions -----------------------------------------------------------------------------
+    def _forward(self, st: _Rank, action: Action) -> None:
+        mb, stage = action.mb, action.stage
+        start = t = st.t
+        compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
+        inline, pinned, windows = self._inline, st.pinned, self.windows
+        for layer, ms, nbytes, coll_ms, step in self._fwd[stage]:
+            t += ms
+            compute += ms
+            if nbytes:
+                mem += nbytes
+                if mem > peak:  # noqa: PLR1730 -- max(peak, mem) exactly, minus a call
+                    peak = mem
+                timeline.append((t, mem))
+            if coll_ms >= 0:
+                key = ("fwd_coll", mb, stage, layer, step, "")
+                if inline and not (pinned and key in pinned):
+                    # An empty window: idle = wait_ms, the clock advances by exactly wait_ms.
+                    windows.append((st.rank, _WINDOWS.get(key) or _window_of(key), t,
+                                    coll_ms, 0.0))
+                    st.comm_exposed_ms += coll_ms
+                    t += coll_ms
+                else:
+                    st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
+                    self._window(st, key, coll_ms, f"TP L{layer}")
+                    t, mem, peak = st.t, st.mem, st.peak
+        st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
+        if self.trace:
+            self._event(st, "compute", f"F{mb} s{stage}", "forward", start, t - start)
+
+    def _backward(self, st: _Rank, action: Action) -> None:
+        mb, stage = action.mb, action.stage
+        start = t = st.t
+        compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
+        inline, pinned, windows = self._inline, st.pinned, self.windows
+        for layer, tasks, needs, ms, overlap_ms, coll_ms, wait_ms, nfree, step in self._bwd[stage]:
+            if needs:
+                st.t, st.mem, st.peak = t, mem, peak
+                for seg in needs:
+                    self._on_demand(st, mb, layer, seg, tasks)
+                t, mem, peak = st.t, st.mem, st.peak
+            t += ms
+            compute += ms
+            if coll_ms >= 0:
+                t += overlap_ms
+                compute += overlap_ms
+                key = ("bwd_coll", mb, stage, layer, step, "")
+                if inline and not (pinned and key in pinned):
+                    windows.append((st.rank, _WINDOWS.get(key) or _window_of(key), t,
+                                    wait_ms, 0.0))
+                    st.comm_exposed_ms += wait_ms
+                    t += wait_ms
+                else:
+                    st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
+                    self._window(st, key, wait_ms, f"TP L{layer}")
+                    t, mem, peak = st.t, st.mem, st.peak
+            if nfree:
+                mem -= nfree  # == mem + (-nfree), what a negative allocation adds
+                if mem > peak:  # noqa: PLR1730 -- max(peak, mem) exactly, minus a call
+                    peak = mem
+                timeline.append((t, mem))
+        st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
+        if stage < self.order.num_stages - 1:
+            self._alloc(st, -self.costs.grad_buffer_bytes)
+        if self.trace:
+            self._event(st, "compute", f"B{mb} s{stage}", "backward", start, st.t - start)
+
+    def _on_demand(self, st: _Rank, mb: int, layer: int, segment: int,
+                   tasks: dict[int, Task]) -> None:
         """Run a recompute right before the backward that needs it (exposed)."""
         key = (mb, layer, segment)
         if key in st.done:
             return
-        task = self.programs[layer].tasks[segment]
-        self._event(st, "compute", f"R mb{mb} L{layer} seg{segment}", "recompute_exposed",
-                    st.t, task.duration_ms)
+        task = tasks[segment]
+        if self.trace:
+            self._event(st, "compute", f"R mb{mb} L{layer} seg{segment}", "recompute_exposed",
+                        st.t, task.duration_ms)
         st.t += task.duration_ms
-        st.stats["recompute_exposed_ms"] += task.duration_ms
+        st.recompute_exposed_ms += task.duration_ms
         st.done.add(key)
         self._alloc(st, task.alloc_bytes)
-
-    # -- actions -----------------------------------------------------------------------------
-    def _forward(self, st: _Rank, action: Action) -> None:
-        start = st.t
-        for layer, prog in self._units(action.stage):
-            for step in prog.fwd:
-                st.t += step.compute_ms
-                st.stats["compute_ms"] += step.compute_ms
-                self._alloc(st, step.alloc_bytes)
-                if step.coll_ms >= 0:
-                    window = Window("fwd_coll", action.mb, action.stage, layer, step.step)
-                    self._window(st, window, step.coll_ms, f"TP L{layer}")
-        self._event(st, "compute", f"F{action.mb} s{action.stage}", "forward", start, st.t - start)
-
-    def _backward(self, st: _Rank, action: Action) -> None:
-        start = st.t
-        for layer, prog in reversed(self._units(action.stage)):
-            for step in prog.bwd:
-                for seg in step.needs:
-                    self._on_demand(st, action.mb, layer, seg)
-                st.t += step.compute_ms
-                st.stats["compute_ms"] += step.compute_ms
-                if step.coll_ms >= 0:
-                    st.t += step.overlap_ms
-                    st.stats["compute_ms"] += step.overlap_ms
-                    window = Window("bwd_coll", action.mb, action.stage, layer, step.step)
-                    self._window(st, window, max(0.0, step.coll_ms - step.overlap_ms),
-                                 f"TP L{layer}")
-                self._alloc(st, -step.free_bytes)
-        if action.stage < self.order.num_stages - 1:
-            self._alloc(st, -self.costs.grad_buffer_bytes)
-        self._event(st, "compute", f"B{action.mb} s{action.stage}", "backward", start, st.t - start)
 
     def _send(self, st: _Rank, action: Action) -> None:
         direction, dest = ("F", action.stage + 1) if action.kind == "SEND_F" else ("B", action.stage - 1)
         begin = max(st.t, st.comm_free)
         st.comm_free = begin + self.costs.p2p_ms
         self.arrivals[(direction, action.mb, dest)] = st.comm_free
-        self._event(st, "comm", f"{action.kind} mb{action.mb}", "p2p", begin, self.costs.p2p_ms)
+        if self.trace:
+            self._event(st, "comm", f"{action.kind} mb{action.mb}", "p2p", begin,
+                        self.costs.p2p_ms)
 
-    def _step(self, st: _Rank, action: Action) -> bool:
-        """Execute one action; False when it is a RECV whose data is not yet known."""
-        if action.kind in ("RECV_F", "RECV_B"):
-            key = (action.kind[-1], action.mb, action.stage)
-            if key not in self.arrivals:
-                return False
-            if action.kind == "RECV_B":  # the gradient lands in a buffer held through B
-                self._alloc(st, self.costs.grad_buffer_bytes)
-            window = Window("recv", action.mb, action.stage, recv=action.kind)
-            self._window(st, window, max(0.0, self.arrivals[key] - st.t),
-                         f"wait {action.kind} mb{action.mb}")
-        elif action.kind in ("SEND_F", "SEND_B"):
-            self._send(st, action)
-        elif action.kind == "F":
-            self._forward(st, action)
-        elif action.kind == "B":
-            self._backward(st, action)
-        elif action.kind == "R":
-            if action.window is None or action.window.kind == "on_demand":
-                pass  # runs at its backward; the simulator inserts it there in any case
-            else:
-                st.pinned[action.window].append(action)
+    def _recv(self, st: _Rank, action: Action) -> bool:
+        arrival = self.arrivals.get((action.kind[-1], action.mb, action.stage))
+        if arrival is None:
+            return False
+        if action.kind == "RECV_B":  # the gradient lands in a buffer held through B
+            self._alloc(st, self.costs.grad_buffer_bytes)
+        wait_ms = max(0.0, arrival - st.t)
+        key = ("recv", action.mb, action.stage, -1, -1, action.kind)
+        if self._inline and not (st.pinned and key in st.pinned):
+            self.windows.append((st.rank, _window_of(key), st.t, wait_ms, 0.0))
+            st.idle_ms += wait_ms
+            st.t += wait_ms
+        else:
+            self._window(st, key, wait_ms, f"wait {action.kind} mb{action.mb}")
         return True
+
+    def _pin(self, st: _Rank, action: Action) -> None:
+        """An R action: hold it for its window (on demand ones run at their backward anyway)."""
+        w = action.window
+        if w is not None and w.kind != "on_demand":
+            st.pinned.setdefault((w.kind, w.mb, w.stage, w.layer, w.step, w.recv),
+                                 []).append(action)
+
+    _HANDLERS: ClassVar[dict[str, Callable[[Simulator, _Rank, Action], None]]] = {
+        "F": _forward, "B": _backward, "SEND_F": _send, "SEND_B": _send, "R": _pin}
+    """Actions other than RECV (which may block), as plain functions: bound methods stored on
+    the instance would make it a reference cycle, which `run` leaves to the collector."""
+
+    def _advance(self, st: _Rank) -> bool:
+        """Execute `st`'s actions until the end or a RECV whose data is not yet known; returns
+        whether any action ran. Unknown kinds are skipped as no-ops."""
+        handlers = self._HANDLERS
+        actions, first = st.actions, st.idx
+        idx, end = first, len(actions)
+        while idx < end:
+            action = actions[idx]
+            kind = action.kind
+            if kind == "RECV_F" or kind == "RECV_B":
+                if not self._recv(st, action):
+                    break
+            else:
+                handler = handlers.get(kind)
+                if handler is not None:
+                    handler(self, st, action)
+            idx += 1
+            st.idx = idx  # kept current: error messages and trace read it
+        return idx > first
 
     def _tail_ms(self, rank: int) -> tuple[float, int]:
         """DP gradient all-reduce + optimizer time, and static bytes, of a rank."""
@@ -199,14 +341,23 @@ class Simulator:
 
     def run(self) -> SimResult:
         """Simulate the whole step."""
+        # The simulation creates no reference cycles but tens of thousands of small tuples,
+        # which trigger collections of the caller's (large) heap; pause the collector.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _run(self) -> SimResult:
         states = [_Rank(r, acts) for r, acts in enumerate(self.order.ranks)]
         active = list(states)
         while active:
             progressed = False
             for st in active:
-                while st.idx < len(st.actions) and self._step(st, st.actions[st.idx]):
-                    st.idx += 1
-                    progressed = True
+                progressed |= self._advance(st)
             active = [st for st in active if st.idx < len(st.actions)]
             if active and not progressed:
                 stuck = ", ".join(f"rank {st.rank} at {st.actions[st.idx]}" for st in active)
@@ -223,12 +374,13 @@ class Simulator:
                 raise LynxError(f"rank {st.rank}: {leftover[0]} is pinned to a window that "
                                 f"never occurs before its backward")
             self._event(st, "compute", "DP sync + optimizer", "tail", st.t, tail)
-            idle = st.stats["idle_ms"] + (end - st.t - tail)
-            ranks.append(RankStats(st.rank, st.stats["compute_ms"], st.stats["comm_exposed_ms"],
-                                   idle, st.stats["recompute_hidden_ms"],
-                                   st.stats["recompute_exposed_ms"], tail, st.peak, static))
+            idle = st.idle_ms + (end - st.t - tail)
+            ranks.append(RankStats(st.rank, st.compute_ms, st.comm_exposed_ms, idle,
+                                   st.recompute_hidden_ms, st.recompute_exposed_ms, tail,
+                                   st.peak, static))
         timeline = tuple(tuple(st.timeline) for st in states)
-        return SimResult(end, tuple(ranks), timeline, tuple(self.events), tuple(self.windows))
+        return SimResult(end, tuple(ranks), timeline, tuple(self.events),
+                         tuple(map(WindowUse._make, self.windows)))
 
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],
