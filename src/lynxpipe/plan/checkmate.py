@@ -19,9 +19,9 @@ import numpy as np
 from lynxpipe.plan.finalize import base_order, make_plan
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.memory import RankBudget, rank_budgets
-from lynxpipe.plan.milp import Lp, RankMilp
+from lynxpipe.plan.ondemand import count_options, solve_counts
 from lynxpipe.plan.options import LayerOption, layer_options, pareto
-from lynxpipe.plan.period import layer_data, make_period
+from lynxpipe.plan.period import make_period
 from lynxpipe.plan.policy import FULL, LayerPolicy
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.simple import default_partition
@@ -123,24 +123,17 @@ def checkmate_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
 
 
 def exact_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
-    """Per-layer points with the simulator's memory at every event of the rank's period."""
-    data = layer_data(req.costs.layer, layer_options(req.costs.layer))
+    """Counts per option with the simulator's memory at every event of the rank's period."""
+    options = count_options(req.costs.layer)
     periods = {r: make_period(req, partition, r, windows=False) for r in range(req.parallel.pp)}
 
     def solve(rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
-        lp = Lp()
-        model = RankMilp(lp, data, periods[rb.rank], req.model.num_layers,
-                         rb.activation_bytes + rb.extras_bytes - margin)
-        # normalised: HiGHS fails numerically on objectives of 1e-5 (tiny test models)
-        unit = max(model.tie.values(), default=0.0) or 1.0
-        for v, ms in model.tie.items():
-            lp.c[v] += ms / unit
-        out = lp.solve(req.time_limit_s)
-        if out is None:
+        found = solve_counts(options, periods[rb.rank], rb.activation_bytes + rb.extras_bytes
+                             - margin, req.time_limit_s)
+        if found is None:
             return {g: FULL for g in rb.layers}, 0.0
-        x, gap = out
-        total = float(np.dot(lp.c, x))
-        return model.extract(x)[0], gap / total if total > 0 else 0.0
+        policies, gap = found
+        return dict(zip(sorted(rb.layers), policies)), gap
 
     return solve
 

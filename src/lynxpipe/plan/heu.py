@@ -18,7 +18,7 @@ import numpy as np
 from lynxpipe.plan.checkmate import (
     assign,
     checkmate_run,
-    checkmate_solver,
+    knapsack_solver,
     tighten_loop,
 )
 from lynxpipe.plan.finalize import base_order
@@ -159,10 +159,11 @@ def _checkmate_candidates(req: PlanRequest, partition: tuple[int, ...],
     """checkmate's keep sets with the natural windows, and checkmate's own on-demand plan;
     both refined into idle windows (refinement only keeps what is faster, so the second is
     never slower than checkmate)."""
-    solver = checkmate_solver(req, partition)
     heu = HeuPlanner(req, partition)
-    windowed = tighten_loop(req, partition, "lynx-heu", solver, start, place=heu.place,
-                            notes=("checkmate keep sets, windowed",))
+    # the count knapsack here: its conservative bound leaves room for the tensors that windows
+    # regenerate early, and it is fast; the exact model is for the on-demand plan below
+    windowed = tighten_loop(req, partition, "lynx-heu", knapsack_solver(req), start,
+                            place=heu.place, notes=("checkmate keep sets, windowed",))
     on_demand = checkmate_run(req, partition, "lynx-heu", start, ("checkmate keep sets",))
     return [refine(req, *windowed), refine(req, *on_demand)]
 
