@@ -317,6 +317,11 @@ def test_rejects_recompute_window_in_wrong_place() -> None:
     bad = r_order(("B", 0, 0, r_action(0, 1, Window("bwd_coll", mb=0, stage=0, layer=0))))
     with pytest.raises(LynxError, match="runs after layer 1's backward"):
         validate_order(bad, LAYERS)
+    # A whole-layer recompute replays collectives: on demand only.
+    bad = r_order(("B", 0, 0, r_action(0, 0, Window("bwd_coll", mb=0, stage=0, layer=1),
+                                       seg=-1, stage=0)))
+    with pytest.raises(LynxError, match="whole-layer recompute"):
+        validate_order(bad, LAYERS)
     # Same layer (a later forward segment's collective) is left to the simulator.
     ok = r_order(("B", 0, 0, r_action(0, 1, Window("bwd_coll", mb=0, stage=0, layer=1))))
     validate_order(ok, LAYERS)

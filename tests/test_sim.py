@@ -126,3 +126,12 @@ def test_window_that_never_comes_is_rejected():
     order = PipelineOrder("1f1b", 1, 1, 2, (tuple(ranks),))
     with pytest.raises(LynxError, match="never occurs"):
         simulate(costs, (1,), (drop,), order)
+
+
+def test_whole_layer_recompute_in_a_window_is_rejected():
+    # full recompute replays the forward collectives, so it cannot hide in a collective's wait
+    costs = toy_costs(tp=2, coll_ms=1.0)
+    window = Window("bwd_coll", 0, 0, 2, _head_bwd_coll_step(costs))
+    with pytest.raises(LynxError, match="whole-layer recompute"):
+        _run(costs, 1, 1, layers_per_stage=2, policies=(KEEP_ALL, FULL),
+             placement={(0, 1, -1): window})

@@ -149,7 +149,9 @@ class RankMilp:
         out = []
         for v, pt in self._pts(layer, seg):
             if pt.regen or pt.ms:
-                xs = {k: self.lp.var() for k in self._eligible(layer, pt.need) + [None]}
+                # full recompute replays the layer's forward collectives: on demand only
+                near = self._eligible(layer, pt.need) if seg != FULL_SEGMENT else []
+                xs = {k: self.lp.var() for k in near + [None]}
                 self.lp.row({**{x: 1.0 for x in xs.values()}, v: -1.0}, 0.0, 0.0)
                 out.append((pt, xs))
         self.x[(layer, seg)] = out

@@ -284,6 +284,9 @@ def _check_window(
     assert w is not None  # _recompute_stage rejected a missing window
     if w.kind == "on_demand":
         return
+    if a.segment < 0:
+        raise _fail(r, i, a, "a whole-layer recompute replays the layer's forward collectives; "
+                    "it runs on demand, not inside a communication window")
     if w.kind == "recv":
         if w.recv not in ("RECV_F", "RECV_B"):
             raise _fail(r, i, a, f"recv window names receive {w.recv!r}, not RECV_F/RECV_B")

@@ -167,6 +167,10 @@ class Simulator:
         for action in pinned:
             layer = action.layer
             key = (action.mb, layer, action.segment)
+            if action.segment < 0:
+                raise LynxError(f"rank {st.rank}: {action} is a whole-layer recompute, which "
+                                "replays the layer's forward collectives: it runs on demand, "
+                                "not inside a communication window")
             if key in done:
                 raise LynxError(f"rank {st.rank}: {action} recomputed twice")
             task = programs[layer].tasks.get(action.segment) if 0 <= layer < num_layers else None
