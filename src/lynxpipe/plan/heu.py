@@ -18,7 +18,6 @@ import numpy as np
 from lynxpipe.plan.checkmate import (
     assign,
     checkmate_run,
-    knapsack_solver,
     tighten_loop,
 )
 from lynxpipe.plan.finalize import base_order
@@ -36,6 +35,7 @@ from lynxpipe.schedule.actions import Window
 from lynxpipe.sim.engine import simulate
 
 TIE_BREAK = 1e-3
+ASIDE_LIMIT_S = 0.2  # per-rank MILP limit for checkmate keep sets on the balanced partition
 
 
 def choose_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
@@ -120,8 +120,9 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
 
     Tried on the balanced partition and, when it differs, on the uniform one (the partitioner's
     estimate ignores pipeline dependencies). Unless the result already runs as fast as keeping
-    everything, checkmate's on-demand-optimal keep sets are also tried (with the same windows,
-    and as checkmate's own plan refined), so lynx-heu is never slower than checkmate.
+    everything, checkmate's on-demand-optimal plan on each of those partitions is refined into
+    idle windows too, so lynx-heu is never slower than checkmate (nor than adapipe, when the
+    partitions agree).
     """
     start = time.perf_counter()
     uniform = default_partition(req)
@@ -134,7 +135,12 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
         candidates.append(refine(req, plan, sim))
     best = _best(candidates)
     if not _at_floor(req, best, uniform):
-        candidates += _checkmate_candidates(req, uniform, start)
+        # refinement only keeps what is faster, so each is at least as fast as checkmate there;
+        # off the uniform partition (no guarantee owed) the MILP gets a short time limit
+        candidates += [refine(req, *checkmate_run(
+            req if partition == uniform else replace(req, time_limit_s=ASIDE_LIMIT_S),
+            partition, "lynx-heu", start, (f"partition {partition}; checkmate keep sets",)))
+            for partition in partitions]
         best = _best(candidates)
     return replace(best, planner_ms=1e3 * (time.perf_counter() - start))
 
@@ -152,20 +158,6 @@ def _at_floor(req: PlanRequest, plan: Plan, uniform: tuple[int, ...]) -> bool:
         return True
     keep = simulate(req.costs, uniform, (KEEP_ALL,) * req.model.num_layers, base_order(req))
     return plan.predicted.step_time_ms <= keep.step_time_ms
-
-
-def _checkmate_candidates(req: PlanRequest, partition: tuple[int, ...],
-                          start: float) -> list[Plan]:
-    """checkmate's keep sets with the natural windows, and checkmate's own on-demand plan;
-    both refined into idle windows (refinement only keeps what is faster, so the second is
-    never slower than checkmate)."""
-    heu = HeuPlanner(req, partition)
-    # the count knapsack here: its conservative bound leaves room for the tensors that windows
-    # regenerate early, and it is fast; the exact model is for the on-demand plan below
-    windowed = tighten_loop(req, partition, "lynx-heu", knapsack_solver(req), start,
-                            place=heu.place, notes=("checkmate keep sets, windowed",))
-    on_demand = checkmate_run(req, partition, "lynx-heu", start, ("checkmate keep sets",))
-    return [refine(req, *windowed), refine(req, *on_demand)]
 
 
 def _best(plans: list[Plan]) -> Plan:

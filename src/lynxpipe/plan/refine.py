@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.options import option_for
-from lynxpipe.plan.policy import stage_layers
+from lynxpipe.plan.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Window
@@ -34,6 +34,7 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
         if use.window.kind in kinds:
             spare[use.window] = c * use.wait_ms - use.used_ms
     moves: dict[TaskKey, Window] = {}
+    seg_ms: dict[LayerPolicy, dict[int, float]] = {}
     for actions in plan.order.ranks:
         index = {(a.kind, a.mb, a.stage): i for i, a in enumerate(actions) if a.kind != "R"}
         hosted = sorted(((index[_host_key(w)], w) for w in spare if _host_key(w) in index),
@@ -42,13 +43,27 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
             if action.kind != "R" or action.segment < 0 or action.window is None \
                     or action.window.kind != "on_demand":
                 continue
-            ms = option_for(req.costs.layer, plan.layers[action.layer]).seg_ms[action.segment]
+            policy = plan.layers[action.layer]
+            if policy not in seg_ms:
+                seg_ms[policy] = option_for(req.costs.layer, policy).seg_ms
+            ms = seg_ms[policy][action.segment]
             lo, hi = index[("F", action.mb, action.stage)], index[("B", action.mb, action.stage)]
-            fits = [w for i, w in hosted if lo < i < hi and spare[w] >= ms]
-            if fits:
-                moves[(action.mb, action.layer, action.segment)] = fits[-1]
-                spare[fits[-1]] -= ms
+            latest = _latest_with_room(hosted, lo, hi, spare, ms)
+            if latest is not None:
+                moves[(action.mb, action.layer, action.segment)] = latest
+                spare[latest] -= ms
     return moves
+
+
+def _latest_with_room(hosted: list[tuple[int, Window]], lo: int, hi: int,
+                      spare: dict[Window, float], ms: float) -> Window | None:
+    """The last window hosted strictly between action indices lo and hi with `ms` to spare."""
+    for i, w in reversed(hosted):
+        if i <= lo:
+            return None
+        if i < hi and spare[w] >= ms:
+            return w
+    return None
 
 
 def _placement(plan: Plan) -> dict[TaskKey, Window]:
