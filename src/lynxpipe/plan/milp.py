@@ -14,6 +14,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
+from lynxpipe.errors import LynxError
 from lynxpipe.plan.period import NEVER, Key, LayerData, Period, Point
 from lynxpipe.plan.policy import FULL, LayerPolicy
 from lynxpipe.sim.program import FULL_SEGMENT
@@ -66,8 +67,9 @@ class Lp:
                 break
         if res.x is None:
             if res.status not in (1, 2):  # 1: time limit, nothing found; 2: infeasible
-                raise RuntimeError(f"HiGHS failed ({res.message}) on a {len(self.lo)} x "
-                                   f"{len(self.c)} model")
+                raise LynxError(f"the MILP solver failed ({res.message}) on a {len(self.lo)}"
+                                f" x {len(self.c)} model; try another --budget, or the 'full' / "
+                                "'selective' policies, which need no solver")
             return None
         bound = getattr(res, "mip_dual_bound", None)
         return res.x, max(0.0, res.fun - bound) if bound is not None and np.isfinite(bound) \
