@@ -89,3 +89,25 @@ def test_budget_too_small_names_smallest_feasible():
 
 def test_every_policy_is_registered():
     assert {"none", "full", "selective", "checkmate", "adapipe", "lynx-heu"} <= set(PLANNERS)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved", "gpipe"])
+def test_other_schedules_fit_and_order(schedule):
+    # interleaved keeps checkmate's count knapsack (several stages per rank); GPipe the exact one
+    from lynxpipe.specs import get_model
+
+    model, cluster = get_model("gpt-1.3b"), get_cluster("a100-pcie")
+    par = ParallelSpec(tp=2, pp=2, num_microbatches=4, schedule=schedule,
+                       virtual_stages=2 if schedule == "interleaved" else 1)
+    costs = analytic_costs(model, cluster, par)
+    probe = PlanRequest(model, cluster, par, 2**60, costs)
+    low = max(make("full", probe).predicted.peak_memory_bytes)
+    high = max(make("none", probe).predicted.peak_memory_bytes)
+    req = PlanRequest(model, cluster, par, (low + high) // 2, costs)
+    plans = {p: make(p, req) for p in ("full", "checkmate", "lynx-heu")}
+    for plan in plans.values():
+        validate_order(plan.order, plan.partition)
+        assert plan.predicted.fits_budget
+    gap = 1 + TOL + (plans["checkmate"].mip_gap or 0.0)
+    assert _time(plans["lynx-heu"]) <= _time(plans["checkmate"]) * gap
+    assert _time(plans["checkmate"]) < _time(plans["full"])

@@ -3,8 +3,8 @@
 
 With every task on demand each backward of a rank grows by the same recompute time, and the step
 is monotone in every action's duration, so least recompute per rank is least step time; the
-memory rows are the simulator's own event accounting (`milp.RankMilp`), so the plan is exact,
-not a bound. Interleaved schedules (several stages per rank) fall back to a count knapsack with
+memory rows are the simulator's own event accounting in count form (`ondemand.py`), so the plan
+is exact, not a bound (tested against exhaustive search). Interleaved schedules (several stages per rank) fall back to a count knapsack with
 a conservative memory bound, corrected by simulation.
 """
 

@@ -15,11 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from lynxpipe.plan.checkmate import (
-    assign,
-    checkmate_run,
-    tighten_loop,
-)
+from lynxpipe.plan.checkmate import assign, checkmate_run, tighten_loop
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
 from lynxpipe.plan.memory import RankBudget
