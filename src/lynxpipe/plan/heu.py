@@ -55,15 +55,18 @@ class HeuPlanner:
             self.stage_of.update({g: s for g in rng})
             self.slots.update(natural_slots(costs, rng, s == len(stages) - 1, num_layers))
         self.stage_of[num_layers] = len(stages) - 1
+        self._costs: dict[int, tuple[float, ...]] = {}
 
     def layer_costs(self, layer: int) -> tuple[float, ...]:
-        """Exposed time of every option for this layer."""
-        segs = {seg: slot for (g, seg), slot in self.slots.items() if g == layer}
-        c = self.req.costs.contention
-        # a small weight on total recompute breaks ties towards less (hidden) recompute, which
-        # leaves the windows' contention and memory lighter
-        return tuple(round(exposure(o, segs, c) + TIE_BREAK * o.total_ms, 9)
-                     for o in self.options)
+        """Exposed time of every option for this layer (each tightening round asks again)."""
+        if layer not in self._costs:
+            segs = {seg: slot for (g, seg), slot in self.slots.items() if g == layer}
+            c = self.req.costs.contention
+            # a small weight on total recompute breaks ties towards less (hidden) recompute,
+            # which leaves the windows' contention and memory lighter
+            self._costs[layer] = tuple(round(exposure(o, segs, c) + TIE_BREAK * o.total_ms, 9)
+                                       for o in self.options)
+        return self._costs[layer]
 
     def solve(self, rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
         """Per-rank count knapsack over classes of identically-windowed layers."""
