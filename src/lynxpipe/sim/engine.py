@@ -6,13 +6,14 @@ RECV whose SEND has not been simulated yet; no progress means deadlock.
 
 Planners call `simulate` ~30 times per run, so the F/B loops are written for speed: each stage's
 steps are flattened once into tuples, the rank's clock and counters live in locals, and a window
-that hosts no recompute (the common case) is handled inline, WindowUse records are built in bulk
+that hosts no recompute (the common case) takes a short path, WindowUse records are built in bulk
 at the end, and the cyclic GC is paused during a run. Every float is still accumulated in the same
 order as the straightforward interpreter, so results are bit-for-bit unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,19 +36,12 @@ FwdEntry = tuple[int, float, int, float, int]
 BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, float, int, int]
 """(layer, tasks, needs, compute_ms, overlap_ms, coll_ms, window wait_ms, free_bytes, step)."""
 
-_WINDOWS: dict[WindowKey, Window] = {}
-"""Window objects are immutable values; building a frozen dataclass costs ~1 us and a step opens
-thousands of windows, so they are shared across simulations (bounded by _WINDOWS_MAX)."""
-_WINDOWS_MAX = 1 << 18
 
-
+@functools.lru_cache(maxsize=1 << 18)
 def _window_of(key: WindowKey) -> Window:
-    window = _WINDOWS.get(key)
-    if window is None:
-        if len(_WINDOWS) >= _WINDOWS_MAX:
-            _WINDOWS.clear()
-        window = _WINDOWS[key] = Window(*key)
-    return window
+    """Window objects are immutable values; building a frozen dataclass costs ~1 us and a step
+    opens thousands of windows, so they are shared across simulations."""
+    return Window(*key)
 
 
 @dataclass(slots=True)
@@ -144,7 +138,7 @@ class Simulator:
         capacity = wait_ms * contention
         pinned = st.pinned.pop(key, None)
         used = self._fill(st, pinned, wait_ms, capacity) if pinned else 0.0
-        self.windows.append((st.rank, _WINDOWS.get(key) or _window_of(key), st.t, wait_ms, used))
+        self.windows.append((st.rank, _window_of(key), st.t, wait_ms, used))
         idle = max(0.0, wait_ms - used / contention)
         recv = key[0] == "recv"
         if self.trace:
@@ -155,6 +149,19 @@ class Simulator:
         else:
             st.comm_exposed_ms += idle
         st.t += wait_ms + max(0.0, used - capacity)
+
+    def _through(self, st: _Rank, key: WindowKey, wait_ms: float, t: float, mem: int,
+                 peak: int) -> tuple[float, int, int]:
+        """Pass a collective's window opening at `t`; the caller keeps clock, memory and peak in
+        locals, so they go in and come back out."""
+        if self._inline and key not in st.pinned:
+            # an empty window: idle = wait_ms, the clock advances by exactly wait_ms
+            self.windows.append((st.rank, _window_of(key), t, wait_ms, 0.0))
+            st.comm_exposed_ms += wait_ms
+            return t + wait_ms, mem, peak
+        st.t, st.mem, st.peak = t, mem, peak
+        self._window(st, key, wait_ms, f"TP L{key[3]}")
+        return st.t, st.mem, st.peak
 
     def _fill(self, st: _Rank, pinned: list[Action], wait_ms: float, capacity: float) -> float:
         """Run the recompute `pinned` to a window opening at st.t; returns the compute used.
@@ -201,7 +208,6 @@ class Simulator:
         mb, stage = action.mb, action.stage
         start = t = st.t
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
-        inline, pinned, windows = self._inline, st.pinned, self.windows
         for layer, ms, nbytes, coll_ms, step in self._fwd[stage]:
             t += ms
             compute += ms
@@ -211,17 +217,8 @@ class Simulator:
                     peak = mem
                 timeline.append((t, mem))
             if coll_ms >= 0:
-                key = ("fwd_coll", mb, stage, layer, step, "")
-                if inline and not (pinned and key in pinned):
-                    # An empty window: idle = wait_ms, the clock advances by exactly wait_ms.
-                    windows.append((st.rank, _WINDOWS.get(key) or _window_of(key), t,
-                                    coll_ms, 0.0))
-                    st.comm_exposed_ms += coll_ms
-                    t += coll_ms
-                else:
-                    st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
-                    self._window(st, key, coll_ms, f"TP L{layer}")
-                    t, mem, peak = st.t, st.mem, st.peak
+                t, mem, peak = self._through(st, ("fwd_coll", mb, stage, layer, step, ""),
+                                             coll_ms, t, mem, peak)
         st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
         if self.trace:
             self._event(st, "compute", f"F{mb} s{stage}", "forward", start, t - start)
@@ -230,7 +227,6 @@ class Simulator:
         mb, stage = action.mb, action.stage
         start = t = st.t
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
-        inline, pinned, windows = self._inline, st.pinned, self.windows
         for layer, tasks, needs, ms, overlap_ms, coll_ms, wait_ms, nfree, step in self._bwd[stage]:
             if needs:
                 st.t, st.mem, st.peak = t, mem, peak
@@ -242,16 +238,8 @@ class Simulator:
             if coll_ms >= 0:
                 t += overlap_ms
                 compute += overlap_ms
-                key = ("bwd_coll", mb, stage, layer, step, "")
-                if inline and not (pinned and key in pinned):
-                    windows.append((st.rank, _WINDOWS.get(key) or _window_of(key), t,
-                                    wait_ms, 0.0))
-                    st.comm_exposed_ms += wait_ms
-                    t += wait_ms
-                else:
-                    st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
-                    self._window(st, key, wait_ms, f"TP L{layer}")
-                    t, mem, peak = st.t, st.mem, st.peak
+                t, mem, peak = self._through(st, ("bwd_coll", mb, stage, layer, step, ""),
+                                             wait_ms, t, mem, peak)
             if nfree:
                 mem -= nfree  # == mem + (-nfree), what a negative allocation adds
                 if mem > peak:  # noqa: PLR1730 -- max(peak, mem) exactly, minus a call
@@ -295,7 +283,7 @@ class Simulator:
             self._alloc(st, self.costs.grad_buffer_bytes)
         wait_ms = max(0.0, arrival - st.t)
         key = ("recv", action.mb, action.stage, -1, -1, action.kind)
-        if self._inline and not (st.pinned and key in st.pinned):
+        if self._inline and key not in st.pinned:
             self.windows.append((st.rank, _window_of(key), st.t, wait_ms, 0.0))
             st.idle_ms += wait_ms
             st.t += wait_ms
