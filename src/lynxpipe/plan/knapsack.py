@@ -138,9 +138,6 @@ def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: 
     return best
 
 
-
-
-
 def _frontier(kept: np.ndarray, cost: np.ndarray) -> list[int]:
     """Indices of options not dominated in (kept bytes, cost)."""
     out: list[int] = []
@@ -148,7 +145,6 @@ def _frontier(kept: np.ndarray, cost: np.ndarray) -> list[int]:
         if not out or cost[idx] < cost[out[-1]] - 1e-12:
             out.append(idx)
     return out
-
 
 
 def improve(choice: Choice, class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,

@@ -21,6 +21,7 @@ from lynxpipe.sim.program import FULL_SEGMENT
 
 F_REACH = 1   # forward windows of layers within this distance (all are alike for memory)
 B_REACH = 2   # backward windows of up to this many layers above (longer = held across more)
+BUDGET_HAIR = 1e-6  # of a scaled budget row: HiGHS' default feasibility tolerance
 
 
 class Lp:
@@ -43,10 +44,12 @@ class Lp:
 
     def row(self, terms: dict[int, float], lo: float = -np.inf, hi: float = np.inf,
             budget: bool = False) -> None:
-        """Add lo <= terms <= hi; a `budget` row may be tightened by a hair (see `solve`)."""
+        """Add lo <= terms <= hi. A `budget` row (memory <= budget, scaled to ~1) is kept a hair
+        below its bound: HiGHS may overshoot a row by its feasibility tolerance (see `solve`)."""
         r = len(self.lo)
         if budget:
             self.budget_rows.append(r)
+            hi -= BUDGET_HAIR
         self.entries += [(r, v, a) for v, a in terms.items() if a]
         self.lo.append(lo)
         self.hi.append(hi)
@@ -55,9 +58,9 @@ class Lp:
         """Solution and the absolute gap to HiGHS's dual bound; None when infeasible."""
         rows, cols, vals = zip(*self.entries)
         a = coo_matrix((vals, (rows, cols)), shape=(len(self.lo), len(self.c))).tocsr()
-        hi = np.array(self.hi)
+        bound, hi = np.array(self.hi), np.array(self.hi)
         for hair in (0.0, 1e-5, 1e-4):
-            hi[self.budget_rows] = np.array(self.hi)[self.budget_rows] - hair
+            hi[self.budget_rows] = bound[self.budget_rows] - hair
             res = milp(np.array(self.c), constraints=LinearConstraint(a, self.lo, hi),
                        integrality=np.array(self.integer), bounds=Bounds(0.0, np.array(self.ub)),
                        options={"time_limit": time_limit, "disp": False})
@@ -187,8 +190,7 @@ class RankMilp:
                         due = k[0] != "B" or (self.p.order[k[1]], k[2], 1) <= pos
                     if due:
                         terms[x] += pt.regen / self.scale
-        # a hair below the budget: HiGHS may overshoot a row by its feasibility tolerance
-        self.lp.row(terms, hi=(self.budget - const) / self.scale - 1e-6, budget=True)
+        self.lp.row(terms, hi=(self.budget - const) / self.scale, budget=True)
 
     def _memory(self) -> None:
         p, n = self.p, self.p.inflight
