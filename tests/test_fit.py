@@ -23,6 +23,17 @@ def test_fit_recovers_alpha_beta(alpha, gbps, noise):
     assert fit.alpha_ms == pytest.approx(alpha, abs=1e-6 + 2 * noise * beta * max(sizes))
 
 
+def test_fit_survives_latency_spikes_at_small_sizes():
+    # gloo after idle: two small messages took ms longer, enough to tilt least squares downwards
+    sizes = [128, 768, 4736, 28544, 172928, 1048576]
+    times = [0.5 + 1e-6 * s for s in sizes]
+    times[1] += 4.0
+    times[2] += 0.5
+    fit = fit_alpha_beta(sizes, times)
+    assert fit.ms_per_byte == pytest.approx(1e-6)
+    assert fit.alpha_ms == pytest.approx(0.5)
+
+
 def test_fit_needs_two_sizes():
     with pytest.raises(LynxError, match="2 distinct sizes"):
         fit_alpha_beta([1024, 1024], [1.0, 1.1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy.stats import theilslopes
 
 from lynxpipe.cost.table import CostTable, LayerCost, OpTime
 from lynxpipe.errors import LynxError
@@ -43,6 +44,11 @@ def fit_alpha_beta(sizes_bytes: list[float], times_ms: list[float]) -> AlphaBeta
         raise LynxError(f"alpha-beta fit needs times at >= 2 distinct sizes, got sizes {sorted(set(x))}")
     design = np.stack([np.ones_like(x), x], axis=1)
     (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
+    if beta <= 0:
+        # a latency spike at a small size (gloo after idle) can tilt least squares flat or
+        # downwards; the median of pairwise slopes ignores such outliers
+        beta = float(theilslopes(y, x)[0])
+        alpha = float(np.median(y - beta * x))
     if alpha < 0:  # latency cannot be negative: refit through the origin
         alpha, beta = 0.0, float(x @ y / (x @ x))
     if beta < 0:
