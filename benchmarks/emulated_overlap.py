@@ -34,7 +34,7 @@ from lynxpipe.artifact import to_dict
 from lynxpipe.cost.table import load_profile, profile_model
 from lynxpipe.plan.planners import make
 from lynxpipe.plan.types import PlanRequest, save_plan
-from lynxpipe.runtime.result import load_run
+from lynxpipe.runtime.train.result import load_run
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 
 ROOT = Path(__file__).resolve().parent.parent

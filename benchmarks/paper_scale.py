@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from lynxpipe.artifact import write_json_atomic
 from lynxpipe.cost.table import CostTable, analytic_costs
 from lynxpipe.plan.planners import PLANNERS, make
-from lynxpipe.plan.policy import KEEP_ALL
+from lynxpipe.schedule.policy import KEEP_ALL
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.console import stdout_console
 from lynxpipe.report.summary import recompute_counts

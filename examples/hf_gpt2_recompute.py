@@ -1,7 +1,7 @@
 """Overlapped recomputation on Hugging Face GPT-2 blocks: the user-model API in use.
 
 Builds a small GPT-2 (random weights, offline) from a `GPT2Config`, wraps its blocks with
-`lynxpipe.runtime.api.wrap_blocks`, and trains one step of two micro-batches under several
+`lynxpipe.runtime.engine.blocks.wrap_blocks`, and trains one step of two micro-batches under several
 policies: blocks dropped and recomputed on demand, per segment (attention | MLP), pinned to an
 idle window (a pipeline RECV wait), and whole-block (Megatron full recompute). Every policy must
 give the same loss and gradients, bit for bit, as keeping everything.
@@ -21,9 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lynxpipe.runtime.api import use_engine, wrap_blocks  # noqa: E402
-from lynxpipe.runtime.meter import EngineStats  # noqa: E402
-from lynxpipe.runtime.recompute import RecomputeEngine  # noqa: E402
+from lynxpipe.runtime.engine.blocks import use_engine, wrap_blocks  # noqa: E402
+from lynxpipe.runtime.engine.meter import EngineStats  # noqa: E402
+from lynxpipe.runtime.engine.recompute import RecomputeEngine  # noqa: E402
 from lynxpipe.schedule.actions import Window  # noqa: E402
 
 RECV = Window("recv", mb=0, stage=0, recv="RECV_B")

@@ -289,7 +289,7 @@ def test_rejects_recompute_after_its_backward() -> None:
     order = one_f_one_b(2, 3)
     ranks = edit(order)
     ranks[0].insert(find(ranks[0], "B", 0, 0) + 1, r_action(0, 1, Window("on_demand")))
-    with pytest.raises(LynxError, match=r"rank 0 action \d+ R\(mb0,L1,seg0,on_demand\): must lie"):
+    with pytest.raises(LynxError, match=r"rank 0 action \d+ R\(mb0,L1,seg0\)@on_demand: must lie"):
         validate_order(with_ranks(order, ranks), LAYERS)
 
 

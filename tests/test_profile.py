@@ -22,7 +22,7 @@ from lynxpipe.cost.fit import fit_alpha_beta
 from lynxpipe.cost.table import analytic_costs, load_profile
 from lynxpipe.plan.types import load_plan
 from lynxpipe.profile_cli import geometric_sizes, profile_command, profile_model
-from lynxpipe.runtime.profile import (CommSamples, KindTimes, Measurement, OpSamples, Series,
+from lynxpipe.profile.measure import (CommSamples, KindTimes, Measurement, OpSamples, Series,
                                       assemble, pieces)
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 

@@ -9,7 +9,7 @@ import pytest
 
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.planners import make
-from lynxpipe.plan.policy import FULL, KEEP_ALL, LayerPolicy
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.plot import plot_compare, plot_timeline
 from lynxpipe.report.summary import layer_runs, plan_summary_text, recompute_counts

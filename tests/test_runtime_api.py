@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from lynxpipe.errors import LynxError  # noqa: E402
-from lynxpipe.runtime.api import use_engine, wrap_blocks  # noqa: E402
-from lynxpipe.runtime.recompute import RecomputeEngine  # noqa: E402
+from lynxpipe.runtime.engine.blocks import use_engine, wrap_blocks  # noqa: E402
+from lynxpipe.runtime.engine.recompute import RecomputeEngine  # noqa: E402
 from lynxpipe.schedule.actions import Window  # noqa: E402
 
 RECV = Window("recv", 0, 0, recv="RECV_B")

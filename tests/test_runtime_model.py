@@ -10,12 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lynxpipe.errors import LynxError  # noqa: E402
-from lynxpipe.runtime.model import BuildConfig  # noqa: E402
-from lynxpipe.runtime.recompute import RecomputeEngine  # noqa: E402
-from lynxpipe.runtime.selfcheck import (check_step_order, self_check,  # noqa: E402
+from lynxpipe.runtime.model.layer import BuildConfig  # noqa: E402
+from lynxpipe.runtime.engine.recompute import RecomputeEngine  # noqa: E402
+from lynxpipe.runtime.engine.selfcheck import (check_step_order, self_check,  # noqa: E402
                                         standard_cases)
-from lynxpipe.runtime.stage import Stage  # noqa: E402
-from lynxpipe.runtime.tp import TPContext  # noqa: E402
+from lynxpipe.runtime.model.stage import Stage  # noqa: E402
+from lynxpipe.runtime.model.tp import TPContext  # noqa: E402
 from lynxpipe.schedule.actions import Window  # noqa: E402
 from lynxpipe.specs.model import ModelSpec  # noqa: E402
 from lynxpipe.specs.parallel import ParallelSpec  # noqa: E402

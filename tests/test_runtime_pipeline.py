@@ -92,7 +92,7 @@ def slack_bytes(plan: Plan, pp_rank: int) -> int:
 
 
 def _check(plan: Plan, step: int, res, pp_rank: int) -> list[str]:  # type: ignore[no-untyped-def]
-    from lynxpipe.runtime.pipeline import planned_where
+    from lynxpipe.runtime.pipeline.from_plan import planned_where
 
     label = f"{plan.policy} step {step}"
     ran = [((t.mb, t.layer, t.segment), t.where) for t in res.engine.tasks]
@@ -115,8 +115,8 @@ def _check(plan: Plan, step: int, res, pp_rank: int) -> list[str]:  # type: igno
 
 
 def _run_config(cfg: Config, groups, plans: dict[str, Plan]) -> tuple[list[str], list]:  # type: ignore[no-untyped-def]
-    from lynxpipe.runtime.data import DataSpec, batches
-    from lynxpipe.runtime.train import setup_rank
+    from lynxpipe.runtime.train.data import DataSpec, batches
+    from lynxpipe.runtime.train.worker import setup_rank
 
     problems, memory, ref = [], [], None
     for name, plan in plans.items():
@@ -155,7 +155,7 @@ def _share_plans() -> dict[Config, dict[str, Plan]]:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from datetime import timedelta
 
-    from lynxpipe.runtime.groups import RankLayout, make_groups
+    from lynxpipe.runtime.pipeline.groups import RankLayout, make_groups
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=90),
@@ -211,8 +211,8 @@ def test_every_policy_and_layout_is_bitwise_equal_counted_and_metered(tmp_path: 
 
 def test_launcher_side_imports_no_torch() -> None:
     """`lynxpipe train` plans and launches without torch; only the ranks import it."""
-    code = ("import sys, lynxpipe.cli, lynxpipe.train_cli, lynxpipe.runtime.launch, "
-            "lynxpipe.runtime.result\n"
+    code = ("import sys, lynxpipe.cli, lynxpipe.train_cli, lynxpipe.runtime.pipeline.launch, "
+            "lynxpipe.runtime.train.result\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
@@ -220,7 +220,7 @@ def test_launcher_side_imports_no_torch() -> None:
 
 
 def test_adamw_is_torch_adamw_bitwise() -> None:
-    from lynxpipe.runtime.optim import AdamW
+    from lynxpipe.runtime.train.optim import AdamW
 
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]

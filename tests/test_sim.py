@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import toy_costs
 from lynxpipe.errors import LynxError
-from lynxpipe.plan.policy import FULL, KEEP_ALL, LayerPolicy
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
 from lynxpipe.plan.recompute import insert_recompute
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.orders import make_order

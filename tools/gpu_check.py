@@ -15,10 +15,10 @@ import torch.distributed as dist
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.planners import make
 from lynxpipe.plan.types import PlanRequest
-from lynxpipe.runtime.data import DataSpec, batches
-from lynxpipe.runtime.groups import RankLayout, make_groups
-from lynxpipe.runtime.pipeline import planned_where
-from lynxpipe.runtime.train import setup_rank
+from lynxpipe.runtime.train.data import DataSpec, batches
+from lynxpipe.runtime.pipeline.groups import RankLayout, make_groups
+from lynxpipe.runtime.pipeline.from_plan import planned_where
+from lynxpipe.runtime.train.worker import setup_rank
 from lynxpipe.specs import ParallelSpec, get_cluster
 from lynxpipe.specs.model import MODEL_PRESETS
 

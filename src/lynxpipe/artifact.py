@@ -18,7 +18,13 @@ T = TypeVar("T")
 
 
 def to_dict(obj: Any) -> Any:
-    """Recursively turn dataclasses, tuples, frozensets and dicts into JSON-ready values."""
+    """Recursively turn dataclasses, tuples, frozensets and dicts into JSON-ready values.
+
+    A type may choose its own JSON form with a `__json__()` method and read it back with a
+    `__from_json__(data, where)` classmethod (the compact action text of plan.json).
+    """
+    if hasattr(obj, "__json__") and not isinstance(obj, type):
+        return obj.__json__()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -57,6 +63,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         return _convert(hint, value, where)
+    if isinstance(hint, type) and hasattr(hint, "__from_json__"):
+        return hint.__from_json__(value, where)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if origin is tuple:

@@ -36,7 +36,7 @@ from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
 if TYPE_CHECKING:
-    from lynxpipe.runtime.profile import Measurement, ProfileJob
+    from lynxpipe.profile.measure import Measurement, ProfileJob
 
 RUNTIME_DTYPES = {4: "float32", 2: "bfloat16"}
 """torch dtype the runtime uses for each --dtype-bytes."""
@@ -82,7 +82,7 @@ def make_job(base: CostTable, model: ModelSpec, par: ParallelSpec, dtype: str, d
     p2p sizes around the stage-boundary message, both reaching at least `MIN_FIT_SPAN_BYTES`
     (else a small model's sizes all sit in the latency regime and leave the bandwidth
     unresolved); the layer's largest collective is where the contention probe starts."""
-    from lynxpipe.runtime.profile import ProfileJob
+    from lynxpipe.profile.measure import ProfileJob
 
     graphs = (base.layer.graph, base.embed.graph, base.head.graph)
     colls = [c.size_bytes for g in graphs for c in g.collectives]
@@ -154,8 +154,8 @@ def check_memory(model: ModelSpec, par: ParallelSpec, device: str, ranks: int) -
 
 def check_buildable(model: ModelSpec, par: ParallelSpec) -> None:
     """The runtime's own shape rules (BuildConfig), before anything is launched."""
-    from lynxpipe.runtime.model import BuildConfig
-    from lynxpipe.runtime.tp import TPContext
+    from lynxpipe.runtime.model.layer import BuildConfig
+    from lynxpipe.runtime.model.tp import TPContext
 
     group = object() if par.tp > 1 else None  # only its presence is checked here
     tp = TPContext(group, par.tp, 0, par.sequence_parallel)
@@ -167,10 +167,10 @@ def measure(job: ProfileJob, emulate: tuple[float, float] | None,
     """Run the job in this process (one rank) or on launched ranks, with a progress line."""
     import torch
 
-    from lynxpipe.runtime.model import BuildConfig
-    from lynxpipe.runtime.profile import run_local
-    from lynxpipe.runtime.profile_comm import launch
-    from lynxpipe.runtime.tp import TPContext
+    from lynxpipe.runtime.model.layer import BuildConfig
+    from lynxpipe.profile.measure import run_local
+    from lynxpipe.profile.comm import launch
+    from lynxpipe.runtime.model.tp import TPContext
 
     with planning_progress(quiet=quiet) as bar:
         tasks: dict[str, TaskID] = {}
@@ -214,7 +214,7 @@ def ops_table(measured: CostTable, analytic: CostTable, cluster: str) -> Table:
 
 def comm_table(m: Measurement, measured: CostTable, analytic: CostTable) -> Table:
     """Alpha-beta fits and what they give for the model's own messages."""
-    from lynxpipe.runtime.profile import comm_fits
+    from lynxpipe.profile.measure import comm_fits
 
     fits, p2p = comm_fits(m.comm)
     table = Table(title="communication", title_justify="left")
@@ -333,7 +333,7 @@ def profile_command(
     check_memory(model, par, dev, profile_ranks(par))
     base = req.costs  # analytic, for the runtime-dtype model: the fingerprint plan checks
     m = measure(make_job(base, model, par, dtype_name, dev, repeats), emu, timeout, json_out)
-    from lynxpipe.runtime.profile import assemble
+    from lynxpipe.profile.measure import assemble
 
     table = assemble(base, m, model, par)
     _write(out, table)

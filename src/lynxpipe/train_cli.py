@@ -61,8 +61,8 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
                   resume: Resume = False, out: RunOut = Path("run.json"),
                   quiet: Quiet = False) -> None:
     """Train with a plan on real processes (see HELP)."""
-    from lynxpipe.runtime.job import TrainJob, check_options
-    from lynxpipe.runtime.launch import launch, under_torchrun
+    from lynxpipe.runtime.train.job import TrainJob, check_options
+    from lynxpipe.runtime.pipeline.launch import launch, under_torchrun
 
     check_options(steps=steps, data=data, device=device, timeout_s=timeout,
                   checkpoint_every=checkpoint_every, resume=resume,
@@ -74,7 +74,7 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
     if under_torchrun():
         if emulate:
             raise LynxError("--emulate starts its own ranks; do not run it under torchrun")
-        from lynxpipe.runtime.train import run_worker
+        from lynxpipe.runtime.train.worker import run_worker
 
         run_worker(job, share_plan=plan_file is None)
         if os.environ.get("RANK") != "0":
@@ -88,7 +88,7 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
 def _resolve_plan(ctx: typer.Context, spec: SpecArgs, policy: str | None,
                   plan_file: Path | None, device: str) -> Plan:
     """Plan on the fly, or load --plan and check it against the spec flags that were given."""
-    from lynxpipe.runtime.job import training_plan
+    from lynxpipe.runtime.train.job import training_plan
 
     if policy is not None and plan_file is not None:
         raise LynxError("give either --policy or --plan, not both")

@@ -1,6 +1,6 @@
 """Measured profiles: alpha-beta fits of communication and a CostTable built from measurements.
 
-Pure Python + numpy: the torch-side profiler (`lynxpipe.runtime.profile`) measures, this module
+Pure Python + numpy: the torch-side profiler (`lynxpipe.profile.measure`) measures, this module
 fits and assembles, so fitting is testable on synthetic data.
 """
 

@@ -18,11 +18,11 @@ import numpy as np
 
 from lynxpipe.plan.finalize import base_order, make_plan
 from lynxpipe.plan.knapsack import choose_counts
-from lynxpipe.plan.memory import RankBudget, rank_budgets
+from lynxpipe.cost.memory import RankBudget, rank_budgets
 from lynxpipe.plan.ondemand import count_options, solve_counts
 from lynxpipe.plan.options import LayerOption, layer_options, pareto
 from lynxpipe.plan.period import make_period
-from lynxpipe.plan.policy import FULL, LayerPolicy
+from lynxpipe.schedule.policy import FULL, LayerPolicy
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import Plan, PlanRequest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lynxpipe.cost.flops import step_flops
-from lynxpipe.plan.policy import LayerPolicy
+from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.plan.recompute import TaskKey, insert_recompute
 from lynxpipe.plan.types import Plan, PlanRequest, Prediction, plan_fingerprint
 from lynxpipe.schedule.actions import PipelineOrder, Window

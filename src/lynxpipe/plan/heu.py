@@ -18,10 +18,10 @@ import numpy as np
 from lynxpipe.plan.checkmate import assign, checkmate_run, tighten_loop
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
-from lynxpipe.plan.memory import RankBudget
+from lynxpipe.cost.memory import RankBudget
 from lynxpipe.plan.options import layer_options
 from lynxpipe.plan.partition import balanced_partition
-from lynxpipe.plan.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey, required_tasks
 from lynxpipe.plan.refine import refine
 from lynxpipe.plan.simple import default_partition

@@ -16,8 +16,7 @@ from scipy.sparse import coo_matrix
 
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.period import NEVER, Key, LayerData, Period, Point
-from lynxpipe.plan.policy import FULL, LayerPolicy
-from lynxpipe.sim.program import FULL_SEGMENT
+from lynxpipe.schedule.policy import FULL, FULL_SEGMENT, LayerPolicy
 
 F_REACH = 1   # forward windows of layers within this distance (all are alike for memory)
 B_REACH = 2   # backward windows of up to this many layers above (longer = held across more)

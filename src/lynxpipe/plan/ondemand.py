@@ -25,7 +25,7 @@ from lynxpipe.cost.table import LayerCost
 from lynxpipe.plan.milp import Lp
 from lynxpipe.plan.options import layer_options
 from lynxpipe.plan.period import NEVER, Period, layer_data
-from lynxpipe.plan.policy import LayerPolicy
+from lynxpipe.schedule.policy import LayerPolicy
 
 
 @dataclass(frozen=True)

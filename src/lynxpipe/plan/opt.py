@@ -24,11 +24,11 @@ import numpy as np
 
 from lynxpipe.plan.checkmate import plan_checkmate
 from lynxpipe.plan.finalize import base_order, make_plan
-from lynxpipe.plan.memory import static_bytes
+from lynxpipe.cost.memory import static_bytes
 from lynxpipe.plan.milp import Lp, Placement, RankMilp
 from lynxpipe.plan.options import LayerOption, layer_options
 from lynxpipe.plan.period import Key, LayerData, Period, layer_data, make_period
-from lynxpipe.plan.policy import FULL, KEEP_ALL
+from lynxpipe.schedule.policy import FULL, KEEP_ALL
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.simple import default_partition, plan_full
 from lynxpipe.plan.types import Plan, PlanRequest

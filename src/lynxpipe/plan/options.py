@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 
 from lynxpipe.cost.table import LayerCost
-from lynxpipe.plan.policy import FULL, LayerPolicy
+from lynxpipe.schedule.policy import FULL, LayerPolicy
 
 
 @dataclass(frozen=True)

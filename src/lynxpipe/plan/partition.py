@@ -9,7 +9,7 @@ import numpy as np
 
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
-from lynxpipe.plan.memory import rank_budgets
+from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import PlanRequest

@@ -17,10 +17,10 @@ import numpy as np
 
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.options import LayerOption, option_for
-from lynxpipe.plan.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
+from lynxpipe.schedule.policy import FULL, FULL_SEGMENT, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.plan.types import PlanRequest
 from lynxpipe.schedule.actions import Action, Window
-from lynxpipe.sim.program import FULL_SEGMENT, compile_program
+from lynxpipe.sim.program import compile_program
 
 Key = tuple
 """A window of the period: ("F", mb offset, unit, fwd step) | (RECV kind, mb offset) |

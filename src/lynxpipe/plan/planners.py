@@ -9,7 +9,7 @@ from lynxpipe.plan.checkmate import plan_adapipe, plan_checkmate
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.opt import plan_lynx_opt
-from lynxpipe.plan.policy import LayerPolicy
+from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.plan.simple import (
     default_partition,
     plan_full,

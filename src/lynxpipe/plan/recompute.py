@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lynxpipe.cost.graph import LayerGraph
-from lynxpipe.plan.policy import LayerPolicy, stage_layers
+from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 
 TaskKey = tuple[int, int, int]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.options import option_for
-from lynxpipe.plan.policy import LayerPolicy, stage_layers
+from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Window

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from lynxpipe.plan.finalize import make_plan
-from lynxpipe.plan.policy import (
+from lynxpipe.schedule.policy import (
     FULL,
     KEEP_ALL,
     LayerPolicy,

@@ -9,7 +9,7 @@ from typing import Literal
 from lynxpipe.artifact import fingerprint, load_artifact, save_artifact
 from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
-from lynxpipe.plan.policy import LayerPolicy
+from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.schedule.actions import PipelineOrder
 from lynxpipe.sim.result import RankStats
 from lynxpipe.specs.cluster import ClusterSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lynxpipe.plan.policy import LayerPolicy, stage_layers
+from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.types import Plan
 from lynxpipe.report.tables import gib, per_stage_gib, plan_reserve_bytes, setup_line
 

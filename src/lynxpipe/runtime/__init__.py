@@ -1,10 +1,8 @@
-"""Real execution (SPEC §7): Megatron-style TP layers with window hooks, the reference GPT/LLaMA
-model that mirrors the planner's op graph, and the recompute engine.
+"""Real execution (SPEC §7), in four sub-packages (all but the pure `train.job` and
+`train.result` import torch; the planner and simulator never import this package):
 
-Modules (all import torch; the planner and simulator never import this package):
-- `tp`, `vocab`, `ops`: tensor-parallel linears, vocab-parallel embedding/loss, fused-style ops.
-- `env`, `model`, `stage`: the reference layers (ops named as in `cost/layers.py`) and `Stage`.
-- `recompute`, `records`, `meter`: `RecomputeEngine` (drop, regenerate in windows, account).
-- `api`: `wrap_blocks` for the user's own transformer blocks.
-- `selfcheck`: bitwise / counter / memory checks against the planner's graph.
+- `model`: Megatron-style TP layers with window hooks and the reference layer of every family;
+- `engine`: the recompute engine (saved-tensor hooks), user blocks, self-checks;
+- `pipeline`: the executor of a plan's action lists, process groups, launcher;
+- `train`: the training loop, data, optimizer, checkpoints and the RunResult artifact.
 """

@@ -1,25 +1,32 @@
-"""The action IR (SPEC §4): small frozen records interpreted by the simulator and the runtime.
+"""The action IR (SPEC §4): small immutable records interpreted by the simulator and the runtime.
 
 Stages are *virtual* stages numbered 0..pp*v-1 along the model; virtual stage `s` lives on
-pipeline rank `s % pp` (Megatron's interleaved placement; with v = 1 stage == rank).
+pipeline rank `s % pp` (Megatron's interleaved placement; with v = 1 stage == rank). Every
+action and window has a compact text form that parses back (`schedule.text`), e.g.
+`R(mb3,L7,seg1,s0)@bwd_coll(mb3,s0,L8,2)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
+
+from lynxpipe.errors import LynxError
+from lynxpipe.schedule.windows import WindowKind, window_kind
 
 ActionKind = Literal["F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "R"]
-WindowKind = Literal["fwd_coll", "bwd_coll", "recv", "on_demand"]
+ACTION_KINDS: tuple[str, ...] = ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "R")
 
 
-@dataclass(frozen=True)
-class Window:
-    """Where a recompute task runs: an idle interval of the rank's compute stream."""
+class Window(NamedTuple):
+    """Where a recompute task runs: an idle interval of the rank's compute stream.
+
+    A named tuple, not a dataclass: the simulator opens thousands of windows per step and keys
+    its tables by them, and a tuple builds and hashes several times faster.
+    """
 
     kind: WindowKind
-    """fwd_coll / bwd_coll: a TP collective inside F or B; recv: a RECV wait; on_demand: right
-    before the backward that needs the tensors (exposed)."""
+    """A kind of `schedule.windows.WINDOW_KINDS` (fwd_coll, bwd_coll, recv, on_demand)."""
     mb: int = -1
     """Micro-batch of the F/B or RECV hosting the window."""
     stage: int = -1
@@ -31,6 +38,32 @@ class Window:
     """Index of the collective step in that layer's forward/backward program."""
     recv: Literal["", "RECV_F", "RECV_B"] = ""
     """For kind == recv: which receive."""
+
+    def host(self) -> tuple[str, int, int] | None:
+        """(action kind, micro-batch, stage) of the action containing the window; None for
+        on demand (the task then runs right before the backward that needs it)."""
+        host = window_kind(self.kind).host
+        if not host:
+            return None
+        return (self.recv if host == "RECV" else host, self.mb, self.stage)
+
+    def __str__(self) -> str:
+        from lynxpipe.schedule.text import format_window
+
+        return format_window(self)
+
+    def __json__(self) -> str:
+        """JSON form: the compact text."""
+        return str(self)
+
+    @classmethod
+    def __from_json__(cls, data: object, where: str) -> Window:
+        """Inverse of `__json__`."""
+        from lynxpipe.schedule.text import parse_window
+
+        if not isinstance(data, str):
+            raise LynxError(f"{where}: a window is written as text, e.g. bwd_coll(mb3,s0,L8,2)")
+        return parse_window(data)
 
 
 @dataclass(frozen=True)
@@ -53,11 +86,9 @@ class Action:
     """R only: the window the task is pinned to."""
 
     def __str__(self) -> str:
-        if self.kind == "R":
-            w = self.window
-            where = f"{w.kind}" if w else "?"
-            return f"R(mb{self.mb},L{self.layer},seg{self.segment},{where})"
-        return f"{self.kind}(mb{self.mb},s{self.stage})"
+        from lynxpipe.schedule.text import format_action
+
+        return format_action(self)
 
 
 @dataclass(frozen=True)
@@ -73,7 +104,7 @@ class PipelineOrder:
     num_microbatches: int
     """Micro-batches per step."""
     ranks: tuple[tuple[Action, ...], ...]
-    """ranks[r] is the ordered action list of pipeline rank r."""
+    """ranks[r] is the ordered action list of pipeline rank r (stored as compact text)."""
 
     @property
     def num_stages(self) -> int:
@@ -83,3 +114,18 @@ class PipelineOrder:
     def rank_of(self, stage: int) -> int:
         """Pipeline rank hosting a virtual stage."""
         return stage % self.pp
+
+    def __json__(self) -> dict[str, object]:
+        """plan.json form: one compact text line per action (diffable, ~8x smaller)."""
+        from lynxpipe.schedule.text import format_action
+
+        return {"schedule": self.schedule, "pp": self.pp, "virtual_stages": self.virtual_stages,
+                "num_microbatches": self.num_microbatches,
+                "ranks": [[format_action(a) for a in r] for r in self.ranks]}
+
+    @classmethod
+    def __from_json__(cls, data: object, where: str) -> PipelineOrder:
+        """Inverse of `__json__`; a malformed entry is a LynxError naming it."""
+        from lynxpipe.schedule.text import parse_order_json
+
+        return parse_order_json(data, where)

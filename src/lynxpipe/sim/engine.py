@@ -21,8 +21,8 @@ from typing import ClassVar
 
 from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
-from lynxpipe.plan.memory import rank_params, static_bytes
-from lynxpipe.plan.policy import KEEP_ALL, LayerPolicy, stage_layers
+from lynxpipe.cost.memory import rank_params, static_bytes
+from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.sim.program import Program, Task, compile_program
 from lynxpipe.sim.result import RankStats, SimResult, TraceEvent, WindowUse

@@ -6,9 +6,7 @@ import weakref
 from dataclasses import dataclass
 
 from lynxpipe.cost.table import LayerCost
-from lynxpipe.plan.policy import LayerPolicy
-
-FULL_SEGMENT = -1
+from lynxpipe.schedule.policy import FULL_SEGMENT, LayerPolicy
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 from lynxpipe.errors import LynxError
+from lynxpipe.specs.families import FAMILIES, Family, family_of_hf, get_family
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only transformer, GPT (LayerNorm, GeLU MLP) or LLaMA (RMSNorm, SwiGLU, GQA)."""
+    """A decoder-only transformer of a registered family (`specs.families`): GPT (LayerNorm,
+    GeLU MLP) or LLaMA (RMSNorm, SwiGLU, RoPE, GQA)."""
 
     name: str
     """Preset or user-given name; part of the plan fingerprint."""
-    family: Literal["gpt", "llama"]
-    """Layer structure: `gpt` (Megatron GPT) or `llama` (RMSNorm, SwiGLU, RoPE, GQA)."""
+    family: str
+    """Layer structure: a key of `specs.families.FAMILIES` (gpt, llama)."""
     num_layers: int
     """Number of identical transformer layers."""
     hidden_size: int
@@ -41,8 +42,9 @@ class ModelSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise LynxError(f"model {self.name}: {key}={value!r} must be a positive integer")
-        if self.family not in ("gpt", "llama"):
-            raise LynxError(f"model {self.name}: family={self.family!r} must be 'gpt' or 'llama'")
+        if self.family not in FAMILIES:
+            raise LynxError(f"model {self.name}: family={self.family!r} is not a known model "
+                            f"family; known: {', '.join(FAMILIES)}")
         if self.hidden_size % self.num_heads:
             raise LynxError(f"model {self.name}: hidden_size={self.hidden_size} is not divisible "
                             f"by num_heads={self.num_heads}")
@@ -57,18 +59,20 @@ class ModelSpec:
         """Width of one attention head."""
         return self.hidden_size // self.num_heads
 
+    @property
+    def family_info(self) -> Family:
+        """The family's registry row."""
+        return get_family(self.family)
+
     def layer_params(self) -> int:
         """Parameters of one transformer layer (weights and biases, both norms)."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        kv = self.num_kv_heads * self.head_dim
-        if self.family == "gpt":
-            return (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
-        return h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+        return self.family_info.layer_params(self.hidden_size, self.ffn_hidden_size,
+                                             self.num_kv_heads * self.head_dim)
 
     def total_params(self) -> int:
         """All parameters, embedding counted once (tied with the LM head as in Megatron GPT)."""
         embed = self.vocab_size * self.hidden_size
-        tied_head = 0 if self.family == "gpt" else embed
+        tied_head = 0 if self.family_info.tied_head else embed
         return self.num_layers * self.layer_params() + embed + tied_head + 2 * self.hidden_size
 
 
@@ -113,7 +117,8 @@ def load_hf_config(path: str | Path) -> ModelSpec:
     model_type = str(cfg.get("model_type", "")).lower()
     name = cfg.get("_name_or_path") or path.parent.name or path.stem
     try:
-        if model_type in ("gpt2", "gpt_neo", "gpt_bigcode", "openai-gpt"):
+        family = family_of_hf(model_type)
+        if family is not None and family.name == "gpt":
             hidden = cfg["n_embd"]
             spec = ModelSpec(
                 name=str(name), family="gpt", num_layers=cfg["n_layer"], hidden_size=hidden,
@@ -121,7 +126,7 @@ def load_hf_config(path: str | Path) -> ModelSpec:
                 ffn_hidden_size=cfg.get("n_inner") or 4 * hidden, vocab_size=cfg["vocab_size"],
                 dropout=float(cfg.get("resid_pdrop", 0.1)),
             )
-        elif model_type in ("llama", "mistral", "qwen2"):
+        elif family is not None and family.name == "llama":
             heads = cfg["num_attention_heads"]
             spec = ModelSpec(
                 name=str(name), family="llama", num_layers=cfg["num_hidden_layers"],
@@ -131,8 +136,9 @@ def load_hf_config(path: str | Path) -> ModelSpec:
                 dropout=float(cfg.get("attention_dropout", 0.0)),
             )
         else:
+            known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
             raise LynxError(f"{path}: model_type={model_type!r} is not supported; "
-                            f"use a GPT-2 or LLaMA family config")
+                            f"use one of {', '.join(known)}")
     except KeyError as exc:
         raise LynxError(f"{path}: missing key {exc.args[0]!r} for model_type={model_type}") from None
     return spec

@@ -12,16 +12,16 @@ from torch import Tensor, nn
 
 from lynxpipe.cost.graph import LayerGraph
 from lynxpipe.cost.layers import embed_graph, head_graph
-from lynxpipe.runtime.env import PLAIN, Env, ModelRng, OpRuntime
-from lynxpipe.runtime.model import (EMBED_LAYER, BuildConfig, Norm, TransformerLayer, _normal,
+from lynxpipe.runtime.model.env import PLAIN, Env, ModelRng, OpRuntime
+from lynxpipe.runtime.model.layer import (EMBED_LAYER, BuildConfig, Norm, TransformerLayer, _normal,
                                     steps_of)
-from lynxpipe.runtime.ops import apply_dropout
-from lynxpipe.runtime.tp import (CollSteps, ColumnParallelLinear, mark_sequence_parallel,
+from lynxpipe.runtime.model.ops import apply_dropout
+from lynxpipe.runtime.model.tp import (CollSteps, ColumnParallelLinear, mark_sequence_parallel,
                                  reduce_sequence_parallel_grads, shard)
-from lynxpipe.runtime.vocab import vocab_parallel_cross_entropy, vocab_parallel_embedding
+from lynxpipe.runtime.model.vocab import vocab_parallel_cross_entropy, vocab_parallel_embedding
 
 if TYPE_CHECKING:
-    from lynxpipe.runtime.recompute import RecomputeEngine
+    from lynxpipe.runtime.engine.recompute import RecomputeEngine
 
 
 class Embedding(nn.Module):

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Protocol
 
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.health import FAULT_ENV, RUN_DIR_ENV, classify, short_error
-from lynxpipe.runtime.job import TrainJob, save_job
-from lynxpipe.runtime.zygote import ForkedRank, zygote_main
+from lynxpipe.runtime.pipeline.health import FAULT_ENV, RUN_DIR_ENV, classify, short_error
+from lynxpipe.runtime.train.job import TrainJob, save_job
+from lynxpipe.runtime.pipeline.zygote import ForkedRank, zygote_main
 
 
 class RankProcess(Protocol):
@@ -213,7 +213,7 @@ def _code(code: int) -> str:
 def spawn_local(job_path: Path, world: int, run_dir: Path
                 ) -> tuple[list[ForkedRank], subprocess.Popen[bytes]]:
     """Start a zygote (leader of a new process group) that forks `world` ranks."""
-    argv = [sys.executable, "-m", "lynxpipe.runtime.launch", "--fork", str(world), str(job_path)]
+    argv = [sys.executable, "-m", "lynxpipe.runtime.pipeline.launch", "--fork", str(world), str(job_path)]
     env = _rank_env(0, world, run_dir, "127.0.0.1", _free_port())
     zygote = subprocess.Popen(_pdeathsig_argv(argv), process_group=0, env=env)
     return [ForkedRank(r, run_dir, zygote) for r in range(world)], zygote
@@ -281,7 +281,7 @@ def _launch_emulated(job: TrainJob, emulate: str, job_path: Path, run_dir: Path)
     par = job.plan.parallel
     cluster = EmulatedCluster(num_ranks=par.devices, rate_mbit=rate, latency_ms=latency,
                               tp_size=par.tp, pp_size=par.pp, cluster_id=free_cluster_id())
-    argv = [sys.executable, "-m", "lynxpipe.runtime.launch", str(job_path)]
+    argv = [sys.executable, "-m", "lynxpipe.runtime.pipeline.launch", str(job_path)]
     with emulated(cluster) as handle:
         # namespaces are private: a fixed port cannot collide with anything
         procs = [run_in_rank(handle, r, argv,
@@ -291,11 +291,11 @@ def _launch_emulated(job: TrainJob, emulate: str, job_path: Path, run_dir: Path)
 
 
 def worker_main(args: Sequence[str]) -> int:
-    """`python -m lynxpipe.runtime.launch JOB`: run one rank; exit 0, or 1 with one line."""
+    """`python -m lynxpipe.runtime.pipeline.launch JOB`: run one rank; exit 0, or 1 with one line."""
     rank = os.environ.get("RANK", "?")
     try:
-        from lynxpipe.runtime.job import load_job
-        from lynxpipe.runtime.train import run_worker
+        from lynxpipe.runtime.train.job import load_job
+        from lynxpipe.runtime.train.worker import run_worker
 
         run_worker(load_job(args[0]))
     except BaseException as exc:  # noqa: BLE001 - every failure must become an exit code

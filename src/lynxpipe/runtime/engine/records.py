@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.env import Env
-from lynxpipe.runtime.ops import draw_keep_mask
+from lynxpipe.runtime.model.env import Env
+from lynxpipe.runtime.model.ops import draw_keep_mask
 
 if TYPE_CHECKING:
-    from lynxpipe.runtime.recompute import RecomputeEngine
+    from lynxpipe.runtime.engine.recompute import RecomputeEngine
 
 UNTAGGED = "?untagged"
 """Name of saved tensors the forward never tagged (kept; a built-in layer has none)."""

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lynxpipe.runtime.tp import (
+from lynxpipe.runtime.model.tp import (
     NO_STEPS,
     CollSteps,
     TPContext,

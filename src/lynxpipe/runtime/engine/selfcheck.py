@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lynxpipe.runtime.env import PlainRuntime
-from lynxpipe.runtime.meter import EngineStats
-from lynxpipe.runtime.model import BuildConfig, TransformerLayer
-from lynxpipe.runtime.recompute import RecomputeEngine, Task
-from lynxpipe.runtime.stage import Stage
+from lynxpipe.runtime.model.env import PlainRuntime
+from lynxpipe.runtime.engine.meter import EngineStats
+from lynxpipe.runtime.model.layer import BuildConfig, TransformerLayer
+from lynxpipe.runtime.engine.recompute import RecomputeEngine, Task
+from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.schedule.actions import Window
 
 Batch = tuple[Tensor, Tensor]

@@ -1,8 +1,12 @@
-"""Per-layer recomputation decisions and the stage partition they apply to."""
+"""Per-layer recomputation decisions and the stage partition they apply to: the vocabulary the
+planners produce and the simulator, the runtime and the reports consume."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+FULL_SEGMENT = -1
+"""Segment id of Megatron full recompute (the whole layer, collectives replayed)."""
 
 
 @dataclass(frozen=True)

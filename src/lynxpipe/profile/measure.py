@@ -29,9 +29,9 @@ from torch import Tensor
 from lynxpipe.cost.fit import AlphaBeta, fit_alpha_beta, measured_table
 from lynxpipe.cost.graph import LayerGraph
 from lynxpipe.cost.table import CostTable, LayerCost, OpTime
-from lynxpipe.runtime.env import PLAIN, Env, PlainRuntime
-from lynxpipe.runtime.model import BuildConfig, TransformerLayer
-from lynxpipe.runtime.stage import Stage
+from lynxpipe.runtime.model.env import PLAIN, Env, PlainRuntime
+from lynxpipe.runtime.model.layer import BuildConfig, TransformerLayer
+from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.ops import draw_keep_mask
+from lynxpipe.runtime.model.ops import draw_keep_mask
 
 
 class Env:

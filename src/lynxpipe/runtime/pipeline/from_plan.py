@@ -11,13 +11,13 @@ from collections import defaultdict
 import torch
 
 from lynxpipe.errors import LynxError
-from lynxpipe.plan.policy import stage_layers
+from lynxpipe.schedule.policy import stage_layers
 from lynxpipe.plan.types import Plan
-from lynxpipe.runtime.groups import ProcessGroups
-from lynxpipe.runtime.model import BuildConfig
-from lynxpipe.runtime.recompute import RecomputeEngine
-from lynxpipe.runtime.stage import Stage
-from lynxpipe.runtime.tp import TPContext
+from lynxpipe.runtime.pipeline.groups import ProcessGroups
+from lynxpipe.runtime.model.layer import BuildConfig
+from lynxpipe.runtime.engine.recompute import RecomputeEngine
+from lynxpipe.runtime.model.stage import Stage
+from lynxpipe.runtime.model.tp import TPContext
 from lynxpipe.schedule.actions import PipelineOrder, Window
 
 

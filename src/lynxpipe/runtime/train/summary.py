@@ -21,13 +21,13 @@ from rich.progress import (
 from rich.table import Table
 
 from lynxpipe.plan.types import Plan
-from lynxpipe.runtime.executor import StepResult
-from lynxpipe.runtime.groups import ProcessGroups
-from lynxpipe.runtime.pipeline import planned_where
-from lynxpipe.runtime.result import ActionTime, RankRun, RunResult
+from lynxpipe.runtime.pipeline.executor import StepResult
+from lynxpipe.runtime.pipeline.groups import ProcessGroups
+from lynxpipe.runtime.pipeline.from_plan import planned_where
+from lynxpipe.runtime.train.result import ActionTime, RankRun, RunResult
 
 if TYPE_CHECKING:
-    from lynxpipe.runtime.train import TrainJob
+    from lynxpipe.runtime.train.worker import TrainJob
 
 METER_NOTE = ("activation peak = bytes of unique storages autograd saves (incl. norm statistics "
               "and token indices) + recomputed buffers + engine-held inputs + pipeline receive "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.env import _mix
+from lynxpipe.runtime.model.env import _mix
 
 DataKind = Literal["synthetic", "corpus"]
 BYTE_VOCAB = 256

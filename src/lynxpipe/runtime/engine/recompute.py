@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.meter import EngineStats, MemoryMeter, TaskRecord
-from lynxpipe.runtime.records import LayerRecord, RecordBase, Region, Saved
+from lynxpipe.runtime.engine.meter import EngineStats, MemoryMeter, TaskRecord
+from lynxpipe.runtime.engine.records import LayerRecord, RecordBase, Region, Saved
 from lynxpipe.schedule.actions import Window
 
 

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from lynxpipe.cost.graph import LayerGraph
 from lynxpipe.cost.layers import layer_graph
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.env import PLAIN, Env, ModelRng, OpRuntime, _mix
-from lynxpipe.runtime.ops import (apply_dropout, apply_rope, attention_scale, layer_norm,
+from lynxpipe.runtime.model.env import PLAIN, Env, ModelRng, OpRuntime, _mix
+from lynxpipe.runtime.model.ops import (apply_dropout, apply_rope, attention_scale, layer_norm,
                                   rms_norm, rope_tables, scaled_causal_softmax, swiglu)
-from lynxpipe.runtime.tp import (CollSteps, ColumnParallelLinear, RowParallelLinear, TPContext,
+from lynxpipe.runtime.model.tp import (CollSteps, ColumnParallelLinear, RowParallelLinear, TPContext,
                                  mark_sequence_parallel)
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec

@@ -1,7 +1,7 @@
 """`lynxpipe profile --measure`, communication side: launch the ranks (plain loopback or inside
 the emulated cluster), time collectives, p2p and contention, and time ops on every rank.
 
-Each rank runs `python -m lynxpipe.runtime.profile_comm JOB.json OUT.json`: a gloo (NCCL with a
+Each rank runs `python -m lynxpipe.profile.comm JOB.json OUT.json`: a gloo (NCCL with a
 GPU per rank) world for the messages, then a fake process group of the TP size for the ops
 (`profile.time_ops`), so all ranks compute at once, as the job's would. Rank 0 reports progress
 as JSON lines on stdout and writes the `Measurement`. A collective's time is the slowest rank's
@@ -38,10 +38,10 @@ import torch.distributed as dist
 from lynxpipe.artifact import from_dict, to_dict, write_json_atomic
 from lynxpipe.cost.fit import fit_alpha_beta
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.model import BuildConfig
-from lynxpipe.runtime.profile import (CommSamples, Measurement, ProfileJob, Progress, Series,
+from lynxpipe.runtime.model.layer import BuildConfig
+from lynxpipe.profile.measure import (CommSamples, Measurement, ProfileJob, Progress, Series,
                                       describe_device, median, time_ops)
-from lynxpipe.runtime.tp import (TPContext, issue_all_gather, issue_all_reduce,
+from lynxpipe.runtime.model.tp import (TPContext, issue_all_gather, issue_all_reduce,
                                  issue_reduce_scatter, wait)
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
@@ -316,7 +316,7 @@ def run_rank(job: ProfileJob, out: Path, rendezvous: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of a launched rank: `python -m lynxpipe.runtime.profile_comm JOB OUT RDV`."""
+    """Entry point of a launched rank: `python -m lynxpipe.profile.comm JOB OUT RDV`."""
     try:
         job = from_dict(ProfileJob, json.loads(Path(argv[0]).read_text()), "profile job")
         run_rank(job, Path(argv[1]), Path(argv[2]))
@@ -399,7 +399,7 @@ def launch(job: ProfileJob, emulate: tuple[float, float] | None, timeout_s: floa
         job_path = write_json_atomic(Path(tmp) / "job.json", to_dict(job))
         out = Path(tmp) / "measurement.json"
         logs = [Path(tmp) / f"rank{r}.log" for r in range(job.ranks)]
-        argv = [sys.executable, "-m", "lynxpipe.runtime.profile_comm", str(job_path), str(out),
+        argv = [sys.executable, "-m", "lynxpipe.profile.comm", str(job_path), str(out),
                 str(Path(tmp) / "rendezvous")]
         if emulate is None:
             _supervise(_start(job, argv, logs, None), logs, timeout_s, progress)

@@ -18,16 +18,16 @@ import torch.distributed as dist
 
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan
-from lynxpipe.runtime import checkpoint as ckpt
-from lynxpipe.runtime.data import DataSpec, batches
-from lynxpipe.runtime.executor import ActionHook, PipelineExecutor, StepResult
-from lynxpipe.runtime.groups import ProcessGroups, RankLayout, make_groups
-from lynxpipe.runtime.health import Health
-from lynxpipe.runtime.job import TrainJob, collective_timeout_s
-from lynxpipe.runtime.optim import AdamW
-from lynxpipe.runtime.pipeline import build_chunks, engine_for
-from lynxpipe.runtime.result import save_run
-from lynxpipe.runtime.summary import (
+from lynxpipe.runtime.train import checkpoint as ckpt
+from lynxpipe.runtime.train.data import DataSpec, batches
+from lynxpipe.runtime.pipeline.executor import ActionHook, PipelineExecutor, StepResult
+from lynxpipe.runtime.pipeline.groups import ProcessGroups, RankLayout, make_groups
+from lynxpipe.runtime.pipeline.health import Health
+from lynxpipe.runtime.train.job import TrainJob, collective_timeout_s
+from lynxpipe.runtime.train.optim import AdamW
+from lynxpipe.runtime.pipeline.from_plan import build_chunks, engine_for
+from lynxpipe.runtime.train.result import save_run
+from lynxpipe.runtime.train.summary import (
     StepTotals,
     build_result,
     print_summary,

@@ -84,7 +84,7 @@ def _child(rank: int, world: int, job_path: str, parent: int) -> None:
         _die_with_parent(parent)
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_WORLD_SIZE=str(world))
-        from lynxpipe.runtime.launch import worker_main
+        from lynxpipe.runtime.pipeline.launch import worker_main
 
         code = worker_main([job_path])
     finally:
@@ -95,7 +95,7 @@ def _child(rank: int, world: int, job_path: str, parent: int) -> None:
 
 def zygote_main(world: int, job_path: str, run_dir: Path) -> int:
     """Import the runtime, fork `world` ranks, reap them writing their exit codes."""
-    import lynxpipe.runtime.train  # noqa: F401  (the expensive import, once)
+    import lynxpipe.runtime.train.worker  # noqa: F401  (the expensive import, once)
 
     me, children = os.getpid(), {}
     for rank in range(world):

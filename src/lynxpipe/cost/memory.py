@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lynxpipe.cost.table import CostTable
-from lynxpipe.plan.policy import stage_layers
+from lynxpipe.schedule.policy import stage_layers
 from lynxpipe.schedule.actions import PipelineOrder
 from lynxpipe.schedule.validate import inflight_peak
 
