@@ -28,6 +28,7 @@ from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.plan.windows import Slot, exposure, natural_slots
 from lynxpipe.schedule.actions import Window
+from lynxpipe.schedule.windows import BWD_COLL
 from lynxpipe.sim.engine import simulate
 
 TIE_BREAK = 1e-3
@@ -109,7 +110,7 @@ class HeuPlanner:
         for mb, layer, seg in required_tasks(graph, layers, self.req.parallel.num_microbatches):
             slot = self.slots.get((layer, seg)) if seg >= 0 else None
             if slot is not None and slot.capacity_ms > 0:
-                placement[(mb, layer, seg)] = Window("bwd_coll", mb, self.stage_of[slot.host],
+                placement[(mb, layer, seg)] = Window(BWD_COLL, mb, self.stage_of[slot.host],
                                                      slot.host, slot.step)
         return placement
 

@@ -33,6 +33,7 @@ from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.simple import default_partition, plan_full
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Action, Window
+from lynxpipe.schedule.windows import BWD_COLL, RECV
 from lynxpipe.sim.engine import simulate
 from lynxpipe.sim.result import SimResult
 
@@ -132,7 +133,7 @@ class StepMilp:
                 self._at_least(({arrive: 1.0}, 0.0), comm)
             elif a.kind in ("RECV_F", "RECV_B"):
                 arrive = arrivals.setdefault((a.kind[-1], a.mb, a.stage), lp.var(np.inf, False))
-                w = Window("recv", a.mb, a.stage, recv=a.kind)
+                w = Window(RECV, a.mb, a.stage, recv=a.kind)
                 used = {x: ms for t in self.ranks[r].load(self._hosted(r, a).get(w, []))
                         for x, ms in t}
                 done = lp.var(np.inf, False)
@@ -162,7 +163,7 @@ def translate(period: Period, placement: Placement) -> dict[TaskKey, Window]:
         for (layer, seg), key in placement.items():
             if key is None:
                 continue
-            w = (Window("bwd_coll", j, period.stage, key[1], key[2]) if key[0] == "B"
+            w = (Window(BWD_COLL, j, period.stage, key[1], key[2]) if key[0] == "B"
                  else hosts[key])
             if w is not None:
                 out[(j, layer, seg)] = w

@@ -20,6 +20,7 @@ from lynxpipe.plan.options import LayerOption, option_for
 from lynxpipe.schedule.policy import FULL, FULL_SEGMENT, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.plan.types import PlanRequest
 from lynxpipe.schedule.actions import Action, Window
+from lynxpipe.schedule.windows import FWD_COLL, RECV
 from lynxpipe.sim.program import compile_program
 
 Key = tuple
@@ -145,8 +146,8 @@ def _resolve(key: Key, j: int, index: dict, span, stage: int) -> Window | None:
     if idx is None or not span[0] < idx < span[1]:
         return None
     if key[0] == "F":
-        return Window("fwd_coll", j + key[1], stage, key[2], key[3])
-    return Window("recv", j + key[1], stage, recv=key[0])
+        return Window(FWD_COLL, j + key[1], stage, key[2], key[3])
+    return Window(RECV, j + key[1], stage, recv=key[0])
 
 
 def make_period(req: PlanRequest, partition: tuple[int, ...], rank: int,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from lynxpipe.cost.graph import LayerGraph
-from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
+from lynxpipe.schedule.policy import LayerPolicy, stage_layers
+from lynxpipe.schedule.windows import ON_DEMAND as ON_DEMAND_KIND
 
 TaskKey = tuple[int, int, int]
 """(micro-batch, global layer, segment)."""
 
-ON_DEMAND = Window("on_demand")
+ON_DEMAND = Window(ON_DEMAND_KIND)
 
 
 def required_tasks(graph: LayerGraph, layers: tuple[LayerPolicy, ...],
@@ -25,37 +26,22 @@ def required_tasks(graph: LayerGraph, layers: tuple[LayerPolicy, ...],
             for layer, segs in enumerate(per_layer) for seg in segs]
 
 
-def _host(action: Action, window: Window) -> bool:
-    """Is `action` the one whose execution contains `window`?"""
-    if window.kind == "fwd_coll":
-        return action.kind == "F" and (action.mb, action.stage) == (window.mb, window.stage)
-    if window.kind == "bwd_coll":
-        return action.kind == "B" and (action.mb, action.stage) == (window.mb, window.stage)
-    if window.kind == "recv":
-        return action.kind == window.recv and (action.mb, action.stage) == (window.mb, window.stage)
-    return False
-
-
 def insert_recompute(order: PipelineOrder, partition: tuple[int, ...], graph: LayerGraph,
                      layers: tuple[LayerPolicy, ...],
                      placement: dict[TaskKey, Window]) -> PipelineOrder:
     """Insert an R action before the action hosting each task's window (on demand: before B)."""
     stage_of = {g: s for s, rng in enumerate(stage_layers(partition)) for g in rng}
-    by_host: dict[tuple[str, int, int, str], list[Action]] = {}
+    by_host: dict[tuple[str, int, int], list[Action]] = {}
     for key in required_tasks(graph, layers, order.num_microbatches):
         mb, layer, seg = key
         window = placement.get(key, ON_DEMAND)
-        if window.kind == "on_demand":
-            host = ("B", mb, stage_of[layer], "")
-        else:
-            kind = {"fwd_coll": "F", "bwd_coll": "B", "recv": window.recv}[window.kind]
-            host = (kind, window.mb, window.stage, "")
+        host = window.host() or ("B", mb, stage_of[layer])
         by_host.setdefault(host, []).append(Action("R", mb, stage_of[layer], layer, seg, window))
     ranks = []
     for actions in order.ranks:
         out: list[Action] = []
         for action in actions:
-            out.extend(by_host.pop((action.kind, action.mb, action.stage, ""), []))
+            out.extend(by_host.pop((action.kind, action.mb, action.stage), []))
             out.append(action)
         ranks.append(tuple(out))
     if by_host:

@@ -16,14 +16,10 @@ from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Window
+from lynxpipe.schedule.windows import FWD_COLL, RECV, is_planned
 from lynxpipe.sim.result import SimResult
 
-_HOST_KIND = {"fwd_coll": "F", "bwd_coll": "B"}
 REPAIR_ROUNDS = 4
-
-
-def _host_key(window: Window) -> tuple[str, int, int]:
-    return (window.recv or _HOST_KIND[window.kind], window.mb, window.stage)
 
 
 def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dict[TaskKey, Window]:
@@ -37,11 +33,11 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
     seg_ms: dict[LayerPolicy, dict[int, float]] = {}
     for actions in plan.order.ranks:
         index = {(a.kind, a.mb, a.stage): i for i, a in enumerate(actions) if a.kind != "R"}
-        hosted = sorted(((index[_host_key(w)], w) for w in spare if _host_key(w) in index),
+        hosted = sorted(((index[w.host()], w) for w in spare if w.host() in index),
                         key=lambda iw: iw[0])
         for action in actions:
             if action.kind != "R" or action.segment < 0 or action.window is None \
-                    or action.window.kind != "on_demand":
+                    or is_planned(action.window.kind):
                 continue
             policy = plan.layers[action.layer]
             if policy not in seg_ms:
@@ -68,13 +64,13 @@ def _latest_with_room(hosted: list[tuple[int, Window]], lo: int, hi: int,
 
 def _placement(plan: Plan) -> dict[TaskKey, Window]:
     return {(a.mb, a.layer, a.segment): a.window for r in plan.order.ranks for a in r
-            if a.kind == "R" and a.window is not None and a.window.kind != "on_demand"}
+            if a.kind == "R" and a.window is not None and is_planned(a.window.kind)}
 
 
 def refine(req: PlanRequest, plan: Plan, sim: SimResult) -> Plan:
     """Try moving on-demand tasks into RECV windows, then also forward windows; keep the best."""
     best = plan
-    for kinds in ({"recv"}, {"recv", "fwd_coll"}):
+    for kinds in ({RECV}, {RECV, FWD_COLL}):
         moves = _moves(req, plan, sim, kinds)
         if not moves:
             continue
@@ -101,8 +97,8 @@ def _fitting(req: PlanRequest, plan: Plan, moves: dict[TaskKey, Window],
             return cand
         for rank in over:
             mine = sorted((k for k in moves if rank_of[k[1]] == rank),
-                          key=lambda k: (moves[k].kind != "fwd_coll", moves[k].mb))
-            forward = [k for k in mine if moves[k].kind == "fwd_coll"]
+                          key=lambda k: (moves[k].kind != FWD_COLL, moves[k].mb))
+            forward = [k for k in mine if moves[k].kind == FWD_COLL]
             for key in forward or mine[:max(1, len(mine) // 2)]:
                 del moves[key]
         if not moves:

@@ -34,6 +34,7 @@ from lynxpipe.runtime.model.layer import BuildConfig, TransformerLayer
 from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
+from lynxpipe.schedule.windows import FWD_COLL
 
 MIN_OP_MS = 1e-4
 """Floor of a measured op time: below the timer's resolution, but the table needs > 0."""
@@ -182,7 +183,7 @@ class _Recorder(PlainRuntime):
         self.names.append((f"tag:{name}", self.marks.mark()))
 
     def window(self, kind: str, step: int) -> None:
-        if kind == "fwd_coll":
+        if kind == FWD_COLL:
             self.names.append((f"coll:{step}", self.marks.mark()))
 
 

@@ -7,9 +7,9 @@ from collections import Counter
 from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.types import Plan
 from lynxpipe.report.tables import gib, per_stage_gib, plan_reserve_bytes, setup_line
+from lynxpipe.schedule.windows import ON_DEMAND, display_order
 
 # Order in which window kinds are listed: earliest in the step first, exposed last.
-_WINDOW_ORDER = ("fwd_coll", "recv", "bwd_coll", "on_demand")
 
 
 def layer_runs(layers: tuple[LayerPolicy, ...]) -> list[tuple[int, int, LayerPolicy]]:
@@ -31,7 +31,7 @@ def recompute_counts(plan: Plan) -> list[Counter[str]]:
     """Per pipeline rank: how many R actions are pinned to each window kind."""
     counts: list[Counter[str]] = []
     for actions in plan.order.ranks:
-        counts.append(Counter(a.window.kind if a.window else "on_demand"
+        counts.append(Counter(a.window.kind if a.window else ON_DEMAND
                               for a in actions if a.kind == "R"))
     return counts
 
@@ -61,7 +61,7 @@ def _recompute_lines(plan: Plan) -> list[str]:
         return ["recompute: none"]
     lines = ["recompute tasks per rank (window kind x count; hidden / exposed time):"]
     for rank, (count, stats) in enumerate(zip(counts, plan.predicted.ranks)):
-        kinds = sorted(count, key=lambda k: _WINDOW_ORDER.index(k) if k in _WINDOW_ORDER else 99)
+        kinds = sorted(count, key=display_order)
         where = ", ".join(f"{k} x{count[k]}" for k in kinds) or "none"
         lines.append(f"  rank {rank}: {where}; hidden {stats.recompute_hidden_ms:,.1f} ms, "
                      f"exposed {stats.recompute_exposed_ms:,.1f} ms")

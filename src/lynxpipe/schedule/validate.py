@@ -12,6 +12,7 @@ from itertools import accumulate
 
 from lynxpipe.errors import LynxError
 from lynxpipe.schedule.actions import Action, PipelineOrder
+from lynxpipe.schedule.windows import WINDOW_KINDS
 
 Key = tuple[str, int, int]
 """(kind, micro-batch, stage) of a non-R action: unique within an order."""
@@ -282,17 +283,18 @@ def _check_window(
     """The window's host action is on this rank, at or after the R and not after the B."""
     w = a.window
     assert w is not None  # _recompute_stage rejected a missing window
-    if w.kind == "on_demand":
+    if w.kind not in WINDOW_KINDS:
+        raise _fail(r, i, a, f"unknown window kind {w.kind!r}; known: {', '.join(WINDOW_KINDS)}")
+    info = WINDOW_KINDS[w.kind]
+    if not info.host:
         return
     if a.segment < 0:
         raise _fail(r, i, a, "a whole-layer recompute replays the layer's forward collectives; "
                     "it runs on demand, not inside a communication window")
-    if w.kind == "recv":
-        if w.recv not in ("RECV_F", "RECV_B"):
-            raise _fail(r, i, a, f"recv window names receive {w.recv!r}, not RECV_F/RECV_B")
-        key: Key = (w.recv, w.mb, w.stage)
-    else:
-        key = ("F" if w.kind == "fwd_coll" else "B", w.mb, w.stage)
+    if info.host == "RECV" and w.recv not in ("RECV_F", "RECV_B"):
+        raise _fail(r, i, a, f"recv window names receive {w.recv!r}, not RECV_F/RECV_B")
+    key: Key = w.host()  # type: ignore[assignment]
+    if info.in_layer:
         if starts and 0 <= w.layer < starts[-1] and _stage_of_layer(w.layer, starts) != w.stage:
             raise _fail(r, i, a, f"{w.kind} window layer {w.layer} is not on stage {w.stage}")
         # layer -1 (embedding) and num_layers (LM head) host windows on the first/last stage

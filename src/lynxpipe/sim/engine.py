@@ -24,12 +24,14 @@ from lynxpipe.errors import LynxError
 from lynxpipe.cost.memory import rank_params, static_bytes
 from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV, is_planned
 from lynxpipe.sim.program import Program, Task, compile_program
 from lynxpipe.sim.result import RankStats, SimResult, TraceEvent, WindowUse
 
 WindowKey = tuple[str, int, int, int, int, str]
-"""A Window's fields in order (kind, mb, stage, layer, step, recv): hashes and compares like the
-Window itself but costs a fraction to build and hash."""
+"""A window's fields in order (kind, mb, stage, layer, step, recv). `Window` is a named tuple, so
+a plain tuple of its fields hashes and compares equal to it: tables are keyed by the plan's
+Window objects, and the hot loops probe them with plain tuples, ~13x cheaper to build."""
 
 FwdEntry = tuple[int, float, int, float, int]
 """(layer, compute_ms, alloc_bytes, coll_ms, step) of one forward step of a stage."""
@@ -39,8 +41,8 @@ BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, flo
 
 @functools.lru_cache(maxsize=1 << 18)
 def _window_of(key: WindowKey) -> Window:
-    """Window objects are immutable values; building a frozen dataclass costs ~1 us and a step
-    opens thousands of windows, so they are shared across simulations."""
+    """The Window of a probe tuple, for the records of opened windows; building a named tuple
+    costs ~0.7 us and a step opens thousands of windows, so they are shared across runs."""
     return Window(*key)
 
 
@@ -60,7 +62,7 @@ class _Rank:
     idle_ms: float = 0.0
     recompute_hidden_ms: float = 0.0
     recompute_exposed_ms: float = 0.0
-    pinned: dict[WindowKey, list[Action]] = field(default_factory=dict)
+    pinned: dict[Window, list[Action]] = field(default_factory=dict)
     done: set[tuple[int, int, int]] = field(default_factory=set)
     timeline: list[tuple[float, int]] = field(default_factory=list)
 
@@ -140,7 +142,7 @@ class Simulator:
         used = self._fill(st, pinned, wait_ms, capacity) if pinned else 0.0
         self.windows.append((st.rank, _window_of(key), st.t, wait_ms, used))
         idle = max(0.0, wait_ms - used / contention)
-        recv = key[0] == "recv"
+        recv = key[0] == RECV
         if self.trace:
             self._event(st, "compute", label, "idle" if recv else "tp_comm",
                         st.t + wait_ms - idle, idle)
@@ -217,7 +219,7 @@ class Simulator:
                     peak = mem
                 timeline.append((t, mem))
             if coll_ms >= 0:
-                t, mem, peak = self._through(st, ("fwd_coll", mb, stage, layer, step, ""),
+                t, mem, peak = self._through(st, (FWD_COLL, mb, stage, layer, step, ""),
                                              coll_ms, t, mem, peak)
         st.t, st.compute_ms, st.mem, st.peak = t, compute, mem, peak
         if self.trace:
@@ -238,7 +240,7 @@ class Simulator:
             if coll_ms >= 0:
                 t += overlap_ms
                 compute += overlap_ms
-                t, mem, peak = self._through(st, ("bwd_coll", mb, stage, layer, step, ""),
+                t, mem, peak = self._through(st, (BWD_COLL, mb, stage, layer, step, ""),
                                              wait_ms, t, mem, peak)
             if nfree:
                 mem -= nfree  # == mem + (-nfree), what a negative allocation adds
@@ -282,7 +284,7 @@ class Simulator:
         if action.kind == "RECV_B":  # the gradient lands in a buffer held through B
             self._alloc(st, self.costs.grad_buffer_bytes)
         wait_ms = max(0.0, arrival - st.t)
-        key = ("recv", action.mb, action.stage, -1, -1, action.kind)
+        key = (RECV, action.mb, action.stage, -1, -1, action.kind)
         if self._inline and key not in st.pinned:
             self.windows.append((st.rank, _window_of(key), st.t, wait_ms, 0.0))
             st.idle_ms += wait_ms
@@ -294,9 +296,8 @@ class Simulator:
     def _pin(self, st: _Rank, action: Action) -> None:
         """An R action: hold it for its window (on demand ones run at their backward anyway)."""
         w = action.window
-        if w is not None and w.kind != "on_demand":
-            st.pinned.setdefault((w.kind, w.mb, w.stage, w.layer, w.step, w.recv),
-                                 []).append(action)
+        if w is not None and is_planned(w.kind):
+            st.pinned.setdefault(w, []).append(action)
 
     _HANDLERS: ClassVar[dict[str, Callable[[Simulator, _Rank, Action], None]]] = {
         "F": _forward, "B": _backward, "SEND_F": _send, "SEND_B": _send, "R": _pin}

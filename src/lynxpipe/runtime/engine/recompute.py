@@ -37,6 +37,7 @@ from lynxpipe.errors import LynxError
 from lynxpipe.runtime.engine.meter import EngineStats, MemoryMeter, TaskRecord
 from lynxpipe.runtime.engine.records import LayerRecord, RecordBase, Region, Saved
 from lynxpipe.schedule.actions import Window
+from lynxpipe.schedule.windows import ON_DEMAND
 
 
 class Task(NamedTuple):
@@ -203,7 +204,7 @@ class RecomputeEngine:
         nbytes = region.set_ready(buffers)
         task = Task(rec.key[0], rec.layer, region.segment)
         self._log.append(TaskRecord(task.mb, task.layer, task.segment,
-                                    window.kind if window else "on_demand", window,
+                                    window.kind if window else ON_DEMAND, window,
                                     self._planned.get(task), elapsed, nbytes))
 
     # --- saved-tensor hooks ----------------------------------------------------------------
@@ -234,8 +235,8 @@ class RecomputeEngine:
     # --- results ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         """Counters since the last `end_step`."""
-        hidden = sum(r.time_s for r in self._log if r.where != "on_demand")
-        exposed = sum(r.time_s for r in self._log if r.where == "on_demand")
+        hidden = sum(r.time_s for r in self._log if r.where != ON_DEMAND)
+        exposed = sum(r.time_s for r in self._log if r.where == ON_DEMAND)
         missed = tuple(w for w in self.tasks if w not in self._opened
                        and any(t[:2] in self._records for t in self.tasks[w]))
         return EngineStats(tuple(self._log), hidden, exposed, self.meter.peak_bytes,

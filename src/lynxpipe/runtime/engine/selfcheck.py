@@ -19,6 +19,7 @@ from lynxpipe.runtime.model.layer import BuildConfig, TransformerLayer
 from lynxpipe.runtime.engine.recompute import RecomputeEngine, Task
 from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.schedule.actions import Window
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV
 
 Batch = tuple[Tensor, Tensor]
 """Saved tensors the runtime tags that the cost graph does not count."""
@@ -74,7 +75,7 @@ def standard_cases(stage: Stage) -> list[PolicyCase]:
 
 
 def _recv(mb: int) -> Window:
-    return Window("recv", mb, 0, recv="RECV_B")
+    return Window(RECV, mb, 0, recv="RECV_B")
 
 
 def _segments(layer: TransformerLayer, names: frozenset[str]) -> list[int]:
@@ -102,18 +103,18 @@ def pinned_tasks(stage: Stage,
         bwd = _first(above.graph.bwd_steps, "coll")
         for k, seg in enumerate(_segments(lay, dropped.get(lay.index, frozenset()))):
             if pos == 0:
-                pin(Window("fwd_coll", 1, 0, lay.index, fwd[k % len(fwd)]), Task(0, lay.index, seg))
+                pin(Window(FWD_COLL, 1, 0, lay.index, fwd[k % len(fwd)]), Task(0, lay.index, seg))
             elif last:
                 pin(_recv(0), Task(0, lay.index, seg))
             else:
-                pin(Window("bwd_coll", 0, 0, above.index, bwd[k % len(bwd)]),
+                pin(Window(BWD_COLL, 0, 0, above.index, bwd[k % len(bwd)]),
                     Task(0, lay.index, seg))
             if last and stage.head is not None:
                 ce = _first(stage.head.graph.fwd_steps, "coll")
-                pin(Window("fwd_coll", 1, 0, stage.head.index, ce[k % len(ce)]),
+                pin(Window(FWD_COLL, 1, 0, stage.head.index, ce[k % len(ce)]),
                     Task(1, lay.index, seg))
             elif 0 < pos and not last:
-                pin(Window("bwd_coll", 1, 0, above.index, bwd[k % len(bwd)]),
+                pin(Window(BWD_COLL, 1, 0, above.index, bwd[k % len(bwd)]),
                     Task(1, lay.index, seg))
     return {w: tuple(ts) for w, ts in tasks.items()}
 
@@ -267,13 +268,13 @@ def check_step_order(stage: Stage, batch: Batch) -> list[str]:
         g, log = mod.graph, [e for e in tracer.log if e[1] == mod.index]
         fwd_want = _first(g.fwd_steps, "coll")
         bwd_want = _first(g.bwd_steps, "coll")
-        fwd_got = [e[2] for e in log if e[0] == "fwd_coll"]
-        bwd_got = [e[2] for e in log if e[0] == "bwd_coll"]
+        fwd_got = [e[2] for e in log if e[0] == FWD_COLL]
+        bwd_got = [e[2] for e in log if e[0] == BWD_COLL]
         if (fwd_got, bwd_got) != (fwd_want, bwd_want):
             problems.append(f"layer {mod.index}: windows fwd {fwd_got} bwd {bwd_got}, graph has "
                             f"fwd {fwd_want} bwd {bwd_want}")
         problems += _check_segments(mod.index, g, log)
-    order = [e[1] for e in tracer.log if e[0] == "bwd_coll"]
+    order = [e[1] for e in tracer.log if e[0] == BWD_COLL]
     if order != sorted(order, reverse=True):
         problems.append(f"backward windows not in reverse layer order: {order}")
     return problems
@@ -284,7 +285,7 @@ def _check_segments(layer: int, graph: object, log: list[tuple[str, int, object]
     names = {t.name: t.segment for t in graph.tensors}  # type: ignore[attr-defined]
     problems, seen = [], 0
     for kind, _, what in log:
-        if kind == "fwd_coll":
+        if kind == FWD_COLL:
             seen += 1
         elif kind == "tag" and what in names and what != "x" and names[what] != seen:
             problems.append(f"layer {layer}: {what} produced in segment {seen}, graph says "

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lynxpipe.errors import LynxError
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
 
 WindowHook = Callable[[str, int], None]
 """`hook(kind, step)`: called after a collective is issued and before it is waited for."""
@@ -96,7 +97,7 @@ def reduce_in_window(out: Tensor, tp: TPContext, hook: WindowHook | None,
         out, work = issue_reduce_scatter(out, tp)
     else:
         work = issue_all_reduce(out, tp)
-    call_window(hook, "fwd_coll", steps.at("fwd", 0))
+    call_window(hook, FWD_COLL, steps.at("fwd", 0))
     wait(work)
     return out
 
@@ -147,7 +148,7 @@ class _ColumnLinear(torch.autograd.Function):
         full = x
         if tp.sequence_parallel:
             full, work = issue_all_gather(x, tp)
-            call_window(hook, "fwd_coll", steps.at("fwd", 0))
+            call_window(hook, FWD_COLL, steps.at("fwd", 0))
             wait(work)
         ctx.save_for_backward(x, weight)
         ctx.tp, ctx.hook, ctx.steps, ctx.has_bias = tp, hook, steps, bias is not None
@@ -160,7 +161,7 @@ class _ColumnLinear(torch.autograd.Function):
         full, gather = (issue_all_gather(x, tp) if tp.sequence_parallel else (x, None))
         grad_in = grad.matmul(weight)
         if tp.sequence_parallel:
-            call_window(hook, "bwd_coll", steps.at("bwd", 0))
+            call_window(hook, BWD_COLL, steps.at("bwd", 0))
             wait(gather)
             grad_in, reduce = issue_reduce_scatter(grad_in, tp)
             last = steps.at("bwd", 1)
@@ -170,7 +171,7 @@ class _ColumnLinear(torch.autograd.Function):
         grad2 = _flat(grad)
         grad_w = grad2.t().matmul(_flat(full))
         grad_b = grad2.sum(0) if ctx.has_bias else None
-        call_window(hook, "bwd_coll", last)
+        call_window(hook, BWD_COLL, last)
         wait(reduce)
         return grad_in, grad_w, grad_b, None, None, None
 
@@ -193,7 +194,7 @@ class _RowLinear(torch.autograd.Function):
         if tp.sequence_parallel:
             # the gradient of a reduce-scatter is an all-gather; nothing to overlap it with
             grad, work = issue_all_gather(grad, tp)
-            call_window(ctx.hook, "bwd_coll", ctx.steps.at("bwd", 0))
+            call_window(ctx.hook, BWD_COLL, ctx.steps.at("bwd", 0))
             wait(work)
         grad_in = grad.matmul(weight)
         grad_w = _flat(grad).t().matmul(_flat(x))

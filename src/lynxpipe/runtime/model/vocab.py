@@ -23,6 +23,7 @@ from lynxpipe.runtime.model.tp import (
     reduce_in_window,
     wait,
 )
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
 
 
 def _local_ids(ids: Tensor, start: int, count: int) -> tuple[Tensor, Tensor]:
@@ -51,7 +52,7 @@ class _VocabEmbedding(torch.autograd.Function):
         local, outside = ctx.saved_tensors
         if ctx.tp.sequence_parallel:
             grad, work = issue_all_gather(grad, ctx.tp)
-            call_window(ctx.hook, "bwd_coll", ctx.steps.at("bwd", 0))
+            call_window(ctx.hook, BWD_COLL, ctx.steps.at("bwd", 0))
             wait(work)
         grad = grad.masked_fill(outside.unsqueeze(-1), 0.0)
         grad_w = grad.new_zeros((ctx.vocab, grad.shape[-1]))
@@ -77,7 +78,7 @@ class _VocabCrossEntropy(torch.autograd.Function):
         logits = logits.float()
         peak = logits.max(dim=-1).values
         work = issue_all_reduce(peak, tp, dist.ReduceOp.MAX)
-        call_window(hook, "fwd_coll", steps.at("fwd", 0))
+        call_window(hook, FWD_COLL, steps.at("fwd", 0))
         wait(work)
         shifted = logits - peak.unsqueeze(-1)
         local, outside = _local_ids(target, tp.rank * vocab, vocab)
@@ -86,7 +87,7 @@ class _VocabCrossEntropy(torch.autograd.Function):
         # one all-reduce carries both per-token sums (the cost graph's ar_ce_sum: 8 bytes/token)
         sums = torch.stack([exp.sum(dim=-1), picked])
         work = issue_all_reduce(sums, tp)
-        call_window(hook, "fwd_coll", steps.at("fwd", 1))
+        call_window(hook, FWD_COLL, steps.at("fwd", 1))
         wait(work)
         loss = sums[0].log() - sums[1]
         softmax = exp.div_(sums[0].unsqueeze(-1))

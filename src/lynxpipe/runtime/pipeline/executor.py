@@ -1,7 +1,7 @@
 """The pipeline executor (SPEC §7): interprets one rank's action list of a Plan.
 
 One rank, one step: F/B run its model chunks under the recompute engine; RECV posts an ordered
-`irecv`, runs the engine's tasks pinned to that `Window("recv", ...)` while the message is in
+`irecv`, runs the engine's tasks pinned to that `Window(RECV, ...)` while the message is in
 flight, then waits (the wait is timed: it is the idle the planner filled); SEND posts an
 `isend` and keeps the handle until the step ends (the buffer is never reused before that);
 R actions were handed to the engine up front, which runs them in their window or, for
@@ -32,6 +32,7 @@ from lynxpipe.runtime.pipeline.from_plan import boundary_shape, p2p_order_proble
 from lynxpipe.runtime.engine.recompute import RecomputeEngine
 from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.schedule.actions import Action, Window
+from lynxpipe.schedule.windows import RECV, window_kind
 
 Batch = tuple[Tensor, Tensor]
 """(token ids [b, s], targets [b, s]) of one micro-batch."""
@@ -244,7 +245,7 @@ class PipelineExecutor:
         self.holds.setdefault(key, []).append(
             self.engine.meter.hold(buf, (a.mb, -2), a.kind.lower(), "recv"))
         t0 = time.perf_counter()
-        self.engine.run_tasks(Window("recv", a.mb, a.stage, recv=a.kind))  # type: ignore[arg-type]
+        self.engine.run_tasks(Window(RECV, a.mb, a.stage, recv=a.kind))  # type: ignore[arg-type]
         t1 = time.perf_counter()
         try:
             work.wait()
@@ -331,8 +332,8 @@ def _attribute(timings: list[ActionTiming], stats: EngineStats,
     stage_of = {(a.mb, a.layer): a.stage for a in actions if a.kind == "R"}
     extra: dict[str, float] = {}
     for rec in stats.tasks:
-        if rec.window is not None and rec.window.kind in ("fwd_coll", "bwd_coll"):
-            host = ("F" if rec.window.kind == "fwd_coll" else "B", rec.window.mb, rec.window.stage)
+        if rec.window is not None and window_kind(rec.window.kind).in_layer:
+            host = rec.window.host()
         elif rec.window is None:
             host = ("B", rec.mb, stage_of.get((rec.mb, rec.layer), -1))
         else:

@@ -19,6 +19,7 @@ from lynxpipe.runtime.engine.recompute import RecomputeEngine
 from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.runtime.model.tp import TPContext
 from lynxpipe.schedule.actions import PipelineOrder, Window
+from lynxpipe.schedule.windows import ON_DEMAND, is_planned
 
 
 def rank_stages(plan: Plan, pp_rank: int) -> list[int]:
@@ -51,14 +52,14 @@ def planned_tasks(plan: Plan, pp_rank: int) -> dict[Window, list[tuple[int, int,
     """Recompute tasks pinned to a window (not on demand) in `pp_rank`'s order."""
     tasks: dict[Window, list[tuple[int, int, int]]] = defaultdict(list)
     for a in plan.order.ranks[pp_rank]:
-        if a.kind == "R" and a.window is not None and a.window.kind != "on_demand":
+        if a.kind == "R" and a.window is not None and is_planned(a.window.kind):
             tasks[a.window].append((a.mb, a.layer, a.segment))
     return dict(tasks)
 
 
 def planned_where(plan: Plan, pp_rank: int) -> dict[tuple[int, int, int], str]:
     """Window kind of every recompute task of `pp_rank` ((mb, layer, segment) -> kind)."""
-    return {(a.mb, a.layer, a.segment): a.window.kind if a.window else "on_demand"
+    return {(a.mb, a.layer, a.segment): a.window.kind if a.window else ON_DEMAND
             for a in plan.order.ranks[pp_rank] if a.kind == "R"}
 
 

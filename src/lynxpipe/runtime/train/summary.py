@@ -25,6 +25,7 @@ from lynxpipe.runtime.pipeline.executor import StepResult
 from lynxpipe.runtime.pipeline.groups import ProcessGroups
 from lynxpipe.runtime.pipeline.from_plan import planned_where
 from lynxpipe.runtime.train.result import ActionTime, RankRun, RunResult
+from lynxpipe.schedule.windows import WINDOW_KINDS, window_kind
 
 if TYPE_CHECKING:
     from lynxpipe.runtime.train.worker import TrainJob
@@ -144,9 +145,6 @@ def build_result(job: TrainJob, ranks: tuple[RankRun, ...], totals: Sequence[Ste
         ranks=tuple(sorted(ranks, key=lambda r: r.rank)), notes=_notes(ranks))
 
 
-_SHORT = {"fwd_coll": "F", "bwd_coll": "B", "recv": "R", "on_demand": "D"}
-
-
 def print_summary(result: RunResult) -> None:
     """Measured next to predicted, one row per rank (on stderr: stdout stays for data)."""
     console = Console(stderr=True)
@@ -158,7 +156,7 @@ def print_summary(result: RunResult) -> None:
     table = Table("rank", "t/d/p", "step ms", "meter KiB", "plan KiB", "ratio", "hid. ms",
                   "exp. ms", "tasks", box=box.SIMPLE, caption="activation peak (meter) vs the "
                   "plan's; recompute hidden/exposed (medians); tasks per step by window: "
-                  "F fwd_coll, B bwd_coll, R recv, D on demand")
+                  + ", ".join(f"{k.short} {k.name}" for k in WINDOW_KINDS.values()))
     for r in result.ranks:
         peak = max(r.peak_activation_bytes) if r.peak_activation_bytes else 0
         pred = r.predicted_peak_activation_bytes
@@ -167,5 +165,5 @@ def print_summary(result: RunResult) -> None:
                       f"{pred / 1024:,.0f}", f"{peak / pred:.3f}" if pred else "-",
                       f"{_median(r.recompute_hidden_ms):.1f}",
                       f"{_median(r.recompute_exposed_ms):.1f}",
-                      " ".join(f"{_SHORT[k]}{v}" for k, v in r.recompute_counts.items()) or "-")
+                      " ".join(f"{window_kind(k).short}{v}" for k, v in r.recompute_counts.items()) or "-")
     console.print(table)
