@@ -87,10 +87,10 @@ def _plans(prof: Path, par: dict, work: Path) -> dict[str, tuple[Path, object]]:
     spec = ParallelSpec(**par)
     model = profile_model(get_model(MODEL), spec, table)
     cluster = get_cluster("a100-pcie")
-    probe = PlanRequest(model, cluster, spec, 2**40, table)
+    probe = PlanRequest(model=model, cluster=cluster, parallel=spec, budget_bytes=2**40, costs=table)
     none, selective = make("none", probe), make("selective", probe)
     budget = max(selective.predicted.peak_memory_bytes)
-    req = PlanRequest(model, cluster, spec, budget, table)
+    req = PlanRequest(model=model, cluster=cluster, parallel=spec, budget_bytes=budget, costs=table)
     out = {}
     for policy in POLICIES:
         plan = none if policy == "none" else make(policy, req, strict=True)

@@ -138,9 +138,9 @@ def run_row(cluster: str, layout: Layout, fraction: float, opt_limit: float,
     """Plan every registered policy for one (cluster, layout, budget fraction)."""
     model, clus, par = get_model(layout.model), get_cluster(cluster), layout.spec()
     costs = analytic_costs(model, clus, par)
-    probe = PlanRequest(model, clus, par, clus.device_memory_bytes, costs)
+    probe = PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=clus.device_memory_bytes, costs=costs)
     rule = budget_rule(make("none", probe), fraction, clus.device_memory_bytes)
-    req = PlanRequest(model, clus, par, rule["budget_bytes"], costs, time_limit_s=opt_limit)
+    req = PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=rule["budget_bytes"], costs=costs, time_limit_s=opt_limit)
     pol = {name: policy_record(make(name, req, strict=False), req)
            for name in POLICIES if name in PLANNERS}
     wall, cpu = [], []

@@ -37,11 +37,11 @@ def _request(cluster: str) -> PlanRequest:
     model, clus = get_model("gpt-22b"), get_cluster(cluster)
     par = ParallelSpec(tp=8, pp=4, num_microbatches=16, seq_len=2048)
     costs = analytic_costs(model, clus, par)
-    none = make("none", PlanRequest(model, clus, par, clus.device_memory_bytes, costs))
+    none = make("none", PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=clus.device_memory_bytes, costs=costs))
     rank = max(range(par.pp), key=lambda r: none.predicted.peak_memory_bytes[r])
     stats = none.predicted.ranks[rank]
     budget = stats.static_bytes + int(0.15 * stats.peak_activation_bytes)
-    return PlanRequest(model, clus, par, budget, costs)
+    return PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=budget, costs=costs)
 
 
 def _median_ms(req: PlanRequest, policy: str, repeats: int) -> float:

@@ -34,7 +34,7 @@ def _request(name: str) -> PlanRequest:
     par = ParallelSpec(tp=2, pp=pp, num_microbatches=m, seq_len=64, sequence_parallel=sp,
                        schedule=schedule)
     cluster = get_cluster("a100-pcie")
-    return PlanRequest(model, cluster, par, 2**40, analytic_costs(model, cluster, par))
+    return PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2**40, costs=analytic_costs(model, cluster, par))
 
 
 @cache

@@ -57,8 +57,8 @@ def test_measured_profile_drives_the_planner(tmp_path):
     assert table.layer.coll_ms[coll.name] == pytest.approx(1.0 + 1e-6 * coll.size_bytes)
     loaded = load_profile(save_profile(tmp_path / "profile.json", table))
     assert loaded == table
-    fast = make("none", PlanRequest(model, cluster, par, 2**40, base))
-    slow = make("none", PlanRequest(model, cluster, par, 2**40, loaded))
+    fast = make("none", PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2**40, costs=base))
+    slow = make("none", PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2**40, costs=loaded))
     assert slow.cost_source == "measured"
     assert slow.predicted.step_time_ms > fast.predicted.step_time_ms
 

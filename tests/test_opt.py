@@ -29,8 +29,8 @@ def _request(layers: int, pp: int, m: int, coll_ms: float, p2p_ms: float,
              schedule: str = "1f1b") -> PlanRequest:
     costs = toy_costs(tp=2, fwd_ms=1.0, bwd_ms=2.0, coll_ms=coll_ms, p2p_ms=p2p_ms)
     par = ParallelSpec(tp=2, pp=pp, num_microbatches=m, seq_len=64, schedule=schedule)
-    return PlanRequest(with_layers(get_model("gpt-tiny"), layers), get_cluster("a100-nvlink"),
-                       par, 2**40, costs, partition="uniform")
+    return PlanRequest(model=with_layers(get_model("gpt-tiny"), layers), cluster=get_cluster("a100-nvlink"),
+                       parallel=par, budget_bytes=2**40, costs=costs, partition="uniform")
 
 
 def _subset(req: PlanRequest, count: int) -> list[LayerOption]:
@@ -114,8 +114,8 @@ def _span(req: PlanRequest, frac: float) -> PlanRequest:
 def _analytic(cluster: str, pp: int, m: int) -> PlanRequest:
     model = with_layers(get_model("gpt-1.3b"), 4)
     par = ParallelSpec(tp=2, pp=pp, num_microbatches=m, seq_len=512)
-    return PlanRequest(model, get_cluster(cluster), par, 2**40,
-                       analytic_costs(model, get_cluster(cluster), par), time_limit_s=10.0)
+    return PlanRequest(model=model, cluster=get_cluster(cluster), parallel=par, budget_bytes=2**40,
+                       costs=analytic_costs(model, get_cluster(cluster), par), time_limit_s=10.0)
 
 
 @pytest.mark.parametrize("req", [_request(3, 1, 3, 0.2, 0.0), _request(4, 2, 4, 0.3, 0.1),

@@ -31,11 +31,11 @@ def requests(draw):
                        sequence_parallel=tp > 1 and draw(st.booleans()))
     cluster = get_cluster(draw(st.sampled_from(["a100-pcie", "a100-nvlink", "ascend-910b"])))
     costs = analytic_costs(model, cluster, par)
-    probe = PlanRequest(model, cluster, par, 2**60, costs)
+    probe = PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2**60, costs=costs)
     low = max(make("full", probe).predicted.peak_memory_bytes)
     high = max(make("none", probe).predicted.peak_memory_bytes)
     budget = int(low + draw(st.floats(0.0, 1.0)) * (high - low))
-    return PlanRequest(model, cluster, par, budget, costs)
+    return PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=budget, costs=costs)
 
 
 def _time(plan):
@@ -66,10 +66,10 @@ def test_recompute_happens_where_planned(tmp_path):
     model, cluster = get_model("gpt-1.3b"), get_cluster("a100-pcie")
     par = ParallelSpec(tp=4, pp=2, num_microbatches=4, micro_batch_size=2)
     costs = analytic_costs(model, cluster, par)
-    probe = PlanRequest(model, cluster, par, 2**60, costs)
+    probe = PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2**60, costs=costs)
     budget = (max(make("full", probe).predicted.peak_memory_bytes)
               + max(make("none", probe).predicted.peak_memory_bytes)) // 2
-    req = PlanRequest(model, cluster, par, budget, costs)
+    req = PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=budget, costs=costs)
     plan = make("lynx-heu", req, strict=True)
     kinds = {a.window.kind for r in plan.order.ranks for a in r if a.kind == "R"}
     assert "bwd_coll" in kinds  # windows are used, not only on-demand recompute
@@ -82,7 +82,7 @@ def test_budget_too_small_names_smallest_feasible():
     from lynxpipe.specs import get_model
 
     model, cluster, par = get_model("gpt-22b"), get_cluster("a100-pcie"), ParallelSpec(tp=8, pp=4)
-    req = PlanRequest(model, cluster, par, 2 * 2**30, analytic_costs(model, cluster, par))
+    req = PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2 * 2**30, costs=analytic_costs(model, cluster, par))
     with pytest.raises(LynxError, match="smallest feasible budget is"):
         make("lynx-heu", req, strict=True)
 
@@ -100,10 +100,10 @@ def test_other_schedules_fit_and_order(schedule):
     par = ParallelSpec(tp=2, pp=2, num_microbatches=4, schedule=schedule,
                        virtual_stages=2 if schedule == "interleaved" else 1)
     costs = analytic_costs(model, cluster, par)
-    probe = PlanRequest(model, cluster, par, 2**60, costs)
+    probe = PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2**60, costs=costs)
     low = max(make("full", probe).predicted.peak_memory_bytes)
     high = max(make("none", probe).predicted.peak_memory_bytes)
-    req = PlanRequest(model, cluster, par, (low + high) // 2, costs)
+    req = PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=(low + high) // 2, costs=costs)
     plans = {p: make(p, req) for p in ("full", "checkmate", "lynx-heu")}
     for plan in plans.values():
         validate_order(plan.order, plan.partition)

@@ -11,17 +11,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
 from lynxpipe.artifact import fingerprint
-from lynxpipe.cli import app  # first: profile_cli imports it, cli mounts profile_cli
+from lynxpipe.cli import app
 from lynxpipe.cost.fit import fit_alpha_beta
 from lynxpipe.cost.table import analytic_costs, load_profile
 from lynxpipe.plan.types import load_plan
-from lynxpipe.profile_cli import geometric_sizes, profile_command, profile_model
+from lynxpipe.profile.run import geometric_sizes
+from lynxpipe.workflow import model_for_profile
 from lynxpipe.profile.measure import (CommSamples, KindTimes, Measurement, OpSamples, Series,
                                       assemble, pieces)
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
@@ -31,18 +31,8 @@ TINY = ["--model", "gpt-tiny", "--pp", "1", "--seq-len", "64", "--micro-batch-si
         "--cluster", "a100-pcie", "--device", "cpu"]
 
 
-def _profile_app() -> typer.Typer:
-    """The command mounted as the lead mounts it (works before `lynxpipe.cli` does)."""
-    local = typer.Typer(add_completion=False)
-    local.command("profile")(profile_command)
-    local.command("unused")(lambda: None)  # two commands: typer keeps the `profile` name
-    return local
-
-
 def _profile(*args: str):
-    registered = {c.name for c in app.registered_commands}
-    target = app if "profile" in registered else _profile_app()
-    return runner.invoke(target, ["profile", *args])
+    return runner.invoke(app, ["profile", *args])
 
 
 def _specs(tp: int):
@@ -124,9 +114,9 @@ def test_sizes_are_geometric_distinct_and_aligned():
 
 def test_profile_model_finds_the_runtime_dtype():
     _, par, base = _specs(1)
-    assert profile_model(get_model("gpt-tiny"), par, base).dtype_bytes == 4
+    assert model_for_profile(get_model("gpt-tiny"), par, base, "p").dtype_bytes == 4
     with pytest.raises(Exception, match="other specs"):
-        profile_model(get_model("gpt-tiny"), replace(par, seq_len=32), base)
+        model_for_profile(get_model("gpt-tiny"), replace(par, seq_len=32), base, "p")
 
 
 # -- real measurements ----------------------------------------------------------------------

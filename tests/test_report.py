@@ -13,7 +13,7 @@ from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.plot import plot_compare, plot_timeline
 from lynxpipe.report.summary import layer_runs, plan_summary_text, recompute_counts
-from lynxpipe.report.tables import (COLUMNS, plan_json_summary, plan_reserve_bytes,
+from lynxpipe.report.tables import (COLUMNS, plan_json_summary,
                                     plans_markdown, plans_table)
 from lynxpipe.report.trace import CATEGORIES, STREAMS, chrome_trace, write_trace
 from lynxpipe.sim.engine import simulate
@@ -29,8 +29,8 @@ SUMMARY_KEYS = {"policy", "step_time_ms", "tokens_per_s", "model_tflops_per_devi
 def _request(reserve: int = 0) -> PlanRequest:
     model, cluster = get_model("gpt-tiny"), get_cluster("a100-pcie")
     par = ParallelSpec(tp=2, pp=2, num_microbatches=4, seq_len=128)
-    return PlanRequest(model, cluster, par, cluster.device_memory_bytes,
-                       analytic_costs(model, cluster, par), reserve_bytes=reserve)
+    return PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=cluster.device_memory_bytes,
+                       costs=analytic_costs(model, cluster, par), reserve_bytes=reserve)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,8 @@ def test_tables_have_one_row_per_plan(plans: list[Plan]) -> None:
 
 def test_reserve_is_recovered_from_a_plan() -> None:
     req = _request(reserve=3 * 2**30)
-    assert plan_reserve_bytes(make("none", req)) == 3 * 2**30
-    assert plan_reserve_bytes(make("none", _request())) == 0
+    assert make("none", req).reserve_bytes == 3 * 2**30
+    assert make("none", _request()).reserve_bytes == 0
 
 
 def test_layer_runs_group_identical_neighbours() -> None:

@@ -74,7 +74,7 @@ def _plans(cfg: Config) -> dict[str, Plan]:
     """Every policy, under a budget halfway between full's and none's peaks (forces drops)."""
     par = _parallel(cfg)
     costs = analytic_costs(MODEL, CLUSTER, par)
-    probe = PlanRequest(MODEL, CLUSTER, par, 1 << 40, costs, time_limit_s=10)
+    probe = PlanRequest(model=MODEL, cluster=CLUSTER, parallel=par, budget_bytes=1 << 40, costs=costs, time_limit_s=10)
     none_peak = max(make("none", probe).predicted.peak_memory_bytes)
     full_peak = max(make("full", probe).predicted.peak_memory_bytes)
     req = dataclasses.replace(probe, budget_bytes=(none_peak + full_peak) // 2)
@@ -211,7 +211,7 @@ def test_every_policy_and_layout_is_bitwise_equal_counted_and_metered(tmp_path: 
 
 def test_launcher_side_imports_no_torch() -> None:
     """`lynxpipe train` plans and launches without torch; only the ranks import it."""
-    code = ("import sys, lynxpipe.cli, lynxpipe.train_cli, lynxpipe.runtime.pipeline.launch, "
+    code = ("import sys, lynxpipe.cli, lynxpipe.cli.train, lynxpipe.runtime.pipeline.launch, "
             "lynxpipe.runtime.train.result\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

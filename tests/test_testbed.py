@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lynxpipe.errors import LynxError
 from lynxpipe.testbed import janitor, netns
-from lynxpipe.testbed.cli import cluster_app
+from lynxpipe.cli.cluster import cluster_app
 from lynxpipe.testbed.spec import (EmulatedCluster, default_burst_bytes, parse_emulate,
                                    parse_latency, parse_rate, tc_commands)
 

@@ -29,7 +29,7 @@ model = MODEL_PRESETS[sys.argv[1] if len(sys.argv) > 1 else "gpt-tiny"]  # dtype
 par = ParallelSpec(micro_batch_size=2, num_microbatches=4, seq_len=128)
 cl = get_cluster("a100-pcie")
 costs = analytic_costs(model, cl, par)
-probe = PlanRequest(model, cl, par, 1 << 40, costs)
+probe = PlanRequest(model=model, cluster=cl, parallel=par, budget_bytes=1 << 40, costs=costs)
 hi = max(make("none", probe).predicted.peak_memory_bytes)
 lo = max(make("full", probe).predicted.peak_memory_bytes)
 req = dataclasses.replace(probe, budget_bytes=(hi + lo) // 2)

@@ -54,7 +54,8 @@ def make_plan(req: PlanRequest, policy: str, partition: tuple[int, ...],
     sim = simulate(req.costs, partition, layers, order)
     plan = Plan(
         policy=policy, model=req.model, cluster=req.cluster, parallel=req.parallel,
-        budget_bytes=req.budget_bytes,
+        budget_bytes=req.budget_bytes, reserve_bytes=req.reserve_bytes,
+        partition_mode=req.partition, time_limit_s=req.time_limit_s,
         fingerprint=plan_fingerprint(req.model, req.cluster, req.parallel, req.budget_bytes),
         cost_source=req.costs.source, partition=partition, layers=layers, order=order,
         predicted=predict(req, sim), planner_ms=planner_ms, mip_gap=mip_gap, notes=notes,

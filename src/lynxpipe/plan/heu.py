@@ -15,16 +15,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from lynxpipe.plan.checkmate import assign, checkmate_run, tighten_loop
+from lynxpipe.plan.checkmate import checkmate_run
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
 from lynxpipe.cost.memory import RankBudget
 from lynxpipe.plan.options import layer_options
-from lynxpipe.plan.partition import balanced_partition
+from lynxpipe.plan.loop import assign, tighten_loop
+from lynxpipe.plan.partition import choose_partition, default_partition
 from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey, required_tasks
 from lynxpipe.plan.refine import refine
-from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.plan.windows import Slot, exposure, natural_slots
 from lynxpipe.schedule.actions import Window
@@ -33,13 +33,6 @@ from lynxpipe.sim.engine import simulate
 
 TIE_BREAK = 1e-3
 ASIDE_LIMIT_S = 0.2  # per-rank MILP limit for checkmate keep sets on the balanced partition
-
-
-def choose_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
-    """Uniform, or the recompute-aware balanced partition (default for lynx-*/adapipe)."""
-    if req.partition == "uniform":
-        return default_partition(req)
-    return balanced_partition(req, kind)
 
 
 class HeuPlanner:

@@ -101,11 +101,15 @@ class RankMilp:
         # (layer, seg) -> [(point, {window or None: x var})] for every point that recomputes
         self.x: dict[tuple[int, int], list[tuple[Point, dict[Key | None, int]]]] = {}
         self.tie: dict[int, float] = {}
-        for layer in period.layers:
+
+    def build(self) -> RankMilp:
+        """Add the rank's variables and rows to the shared `Lp`; returns self."""
+        for layer in self.p.layers:
             self._choices(layer)
             for seg in self._segments():
                 self._placements(layer, seg)
         self._memory()
+        return self
 
     def load(self, keys: list[Key | None]) -> list[list[tuple[int, float]]]:
         """Per task, its (x var, duration) pairs in any of `keys` (one list per task)."""

@@ -30,7 +30,9 @@ from lynxpipe.plan.options import LayerOption, layer_options
 from lynxpipe.plan.period import Key, LayerData, Period, layer_data, make_period
 from lynxpipe.schedule.policy import FULL, KEEP_ALL
 from lynxpipe.plan.recompute import TaskKey
-from lynxpipe.plan.simple import default_partition, plan_full
+from lynxpipe.plan.heu import plan_lynx_heu
+from lynxpipe.plan.partition import choose_partition
+from lynxpipe.plan.simple import plan_full
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Action, Window
 from lynxpipe.schedule.windows import BWD_COLL, RECV
@@ -58,7 +60,7 @@ class StepMilp:
                  budgets: list[int], keep: SimResult, windows: bool = True) -> None:
         self.req, self.lp = req, Lp()
         self.periods = [make_period(req, partition, r, windows) for r in range(req.parallel.pp)]
-        self.ranks = [RankMilp(self.lp, data, p, req.model.num_layers, b)
+        self.ranks = [RankMilp(self.lp, data, p, req.model.num_layers, b).build()
                       for p, b in zip(self.periods, budgets)]
         # objective: step time above the keep-everything step (a lower bound), so that the
         # relative MIP gap measures the recompute overhead, not the whole step
@@ -227,30 +229,16 @@ def solve_lynx_opt(req: PlanRequest, partition: tuple[int, ...],
     return best
 
 
-def _partition(req: PlanRequest) -> tuple[int, ...]:
-    if req.partition == "uniform":
-        return default_partition(req)
-    try:
-        from lynxpipe.plan.partition import balanced_partition
-    except ImportError:
-        return default_partition(req)
-    return balanced_partition(req, "lynx")
-
-
 def _baselines(req: PlanRequest) -> list[tuple[str, Plan]]:
-    found = [("checkmate", plan_checkmate(req)), ("full", plan_full(req))]
-    try:
-        from lynxpipe.plan.heu import plan_lynx_heu
-    except ImportError:
-        return found
-    return [("lynx-heu", plan_lynx_heu(req))] + found
+    return [("lynx-heu", plan_lynx_heu(req)), ("checkmate", plan_checkmate(req)),
+            ("full", plan_full(req))]
 
 
 def plan_lynx_opt(req: PlanRequest) -> Plan:
     """lynx-opt: the step-time MILP, verified by simulation; never slower than lynx-heu,
     checkmate or full on the same request (the fastest fitting of them is returned)."""
     start = time.perf_counter()
-    partition = _partition(req)
+    partition = choose_partition(req, "lynx")
     found = _baselines(req)
     floor = simulate(req.costs, partition, (KEEP_ALL,) * req.model.num_layers,
                      base_order(req)).step_time_ms

@@ -1,5 +1,7 @@
-"""Recompute-aware partitioning (SPEC §5): contiguous layer ranges minimising the slowest stage,
-where a stage's time includes the recompute that stays exposed under its own memory budget."""
+"""Stage partitions (SPEC §5): Megatron's uniform split, and the recompute-aware one — contiguous
+layer ranges minimising the slowest stage, where a stage's time includes the recompute that stays
+exposed under its own memory budget. `choose_partition` is the one place a planner's request
+(`--partition uniform|balanced|default`) becomes a partition."""
 
 from __future__ import annotations
 
@@ -11,9 +13,23 @@ from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
 from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.plan.options import layer_options, pareto
-from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import PlanRequest
+from lynxpipe.schedule.policy import uniform_partition
 from lynxpipe.plan.windows import exposure, natural_slots
+
+
+def default_partition(req: PlanRequest) -> tuple[int, ...]:
+    """Megatron's uniform split over virtual stages."""
+    return uniform_partition(req.model.num_layers, req.parallel.num_chunks)
+
+
+def choose_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
+    """The request's partition: uniform when asked for, else the recompute-aware one whose
+    stage times count exposed recompute as `kind` plans it ('lynx': windows hide recompute,
+    'ondemand': all of it is exposed)."""
+    if req.partition == "uniform":
+        return default_partition(req)
+    return balanced_partition(req, kind)
 
 
 def _layer_ms(req: PlanRequest) -> float:

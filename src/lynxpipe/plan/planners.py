@@ -10,13 +10,8 @@ from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.opt import plan_lynx_opt
 from lynxpipe.schedule.policy import LayerPolicy
-from lynxpipe.plan.simple import (
-    default_partition,
-    plan_full,
-    plan_full_block,
-    plan_none,
-    plan_selective,
-)
+from lynxpipe.plan.partition import default_partition
+from lynxpipe.plan.simple import plan_full, plan_full_block, plan_none, plan_selective
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.units import format_bytes
 
@@ -30,8 +25,9 @@ PLANNERS: dict[str, Planner] = {
     "checkmate": plan_checkmate,
     "adapipe": plan_adapipe,
     "lynx-heu": plan_lynx_heu,
+    "lynx-opt": plan_lynx_opt,
 }
-PLANNERS["lynx-opt"] = plan_lynx_opt
+"""Every policy, baselines first (the order of `lynxpipe compare`)."""
 
 
 def policies() -> list[str]:
@@ -45,7 +41,7 @@ def make(policy: str, req: PlanRequest, strict: bool = False) -> Plan:
         raise LynxError(f"unknown policy {policy!r}; choose one of {', '.join(PLANNERS)}")
     plan = PLANNERS[policy](req)
     if strict and not plan.predicted.fits_budget:
-        raise LynxError(_too_small(policy, req, plan))
+        raise LynxError(too_small(req, plan))
     return plan
 
 
@@ -60,13 +56,16 @@ def smallest_feasible_bytes(req: PlanRequest) -> int:
                max(lean.predicted.peak_memory_bytes))
 
 
-def _too_small(policy: str, req: PlanRequest, plan: Plan) -> str:
-    need = max(plan.predicted.peak_memory_bytes)
+def too_small(req: PlanRequest, plan: Plan | None) -> str:
+    """Why `plan` (or planning at all) failed the budget, with the smallest feasible budget."""
     least = smallest_feasible_bytes(req)
-    msg = (f"budget {format_bytes(req.budget_bytes)} per device is too small for policy "
-           f"{policy!r} (its plan needs {format_bytes(need)})")
+    budget = format_bytes(req.budget_bytes)
     if least > req.budget_bytes:
-        return (msg + f"; no policy fits: the smallest feasible budget is {format_bytes(least)} "
-                f"({least} bytes) — raise --budget, or add pipeline/tensor parallelism or a "
-                f"distributed optimizer")
-    return msg + f"; plans fit from {format_bytes(least)} — try full, checkmate or lynx-heu"
+        return (f"budget {budget} per device is too small for any plan: the smallest feasible "
+                f"budget is {format_bytes(least)} ({least} bytes) — raise --budget, or add "
+                f"pipeline/tensor parallelism or a distributed optimizer")
+    assert plan is not None
+    need = format_bytes(max(plan.predicted.peak_memory_bytes))
+    return (f"policy {plan.policy!r} needs {need} per device, over the budget of {budget}; "
+            f"plans fit from {format_bytes(least)} ({least} bytes): try checkmate, lynx-heu "
+            f"or lynx-opt")

@@ -5,21 +5,11 @@ from __future__ import annotations
 import time
 
 from lynxpipe.plan.finalize import make_plan
-from lynxpipe.schedule.policy import (
-    FULL,
-    KEEP_ALL,
-    LayerPolicy,
-    stage_layers,
-    uniform_partition,
-)
+from lynxpipe.plan.partition import default_partition
 from lynxpipe.plan.types import Plan, PlanRequest
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 
 SELECTIVE_TENSORS = frozenset({"probs", "probs_dropped"})
-
-
-def default_partition(req: PlanRequest) -> tuple[int, ...]:
-    """Megatron's uniform split over virtual stages."""
-    return uniform_partition(req.model.num_layers, req.parallel.num_chunks)
 
 
 def _same_everywhere(req: PlanRequest, name: str, policy: LayerPolicy) -> Plan:

@@ -16,10 +16,11 @@ from lynxpipe.specs.cluster import ClusterSpec
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+"""2: actions as compact text; reserve, partition mode and solver limit stored."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlanRequest:
     """Everything a planner needs: specs, memory budget, costs and knobs."""
 
@@ -65,7 +66,7 @@ class Prediction:
     """Per-rank breakdown."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """A recomputation plan: partition, keep/drop per layer, placed tasks, predictions."""
 
@@ -79,6 +80,12 @@ class Plan:
     """Layout it is for."""
     budget_bytes: int
     """Per-device memory budget it was planned under."""
+    reserve_bytes: int
+    """Memory held back per device (workspace, fragmentation) when it was planned."""
+    partition_mode: Literal["uniform", "balanced", "default"]
+    """The partition the request asked for (`partition` holds the one chosen)."""
+    time_limit_s: float
+    """MILP time limit it was planned with."""
     fingerprint: str
     """Hash of model, cluster, layout and budget; the runtime refuses a mismatch."""
     cost_source: str

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from lynxpipe.artifact import write_json_atomic
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan
-from lynxpipe.report.tables import (plan_json_summary, plan_reserve_bytes, plans_markdown,
+from lynxpipe.report.tables import (plan_json_summary, plans_markdown,
                                     setup_line, spec_header)
 from lynxpipe.report.trace import write_trace
 from lynxpipe.sim.result import SimResult
@@ -46,7 +46,7 @@ def write_simulation(out_dir: str | Path, plan: Plan, sim: SimResult) -> list[Pa
     return [
         write_trace(out / "trace.json", sim),
         plot_timeline(sim, out / "timeline.png", title, plan.budget_bytes,
-                      plan_reserve_bytes(plan)),
+                      plan.reserve_bytes),
         _json(out / "result.json", result_payload(plan)),
     ]
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.types import Plan
-from lynxpipe.report.tables import gib, per_stage_gib, plan_reserve_bytes, setup_line
+from lynxpipe.report.tables import gib, per_stage_gib, setup_line
 from lynxpipe.schedule.windows import ON_DEMAND, display_order
 
 # Order in which window kinds are listed: earliest in the step first, exposed last.
@@ -71,7 +71,7 @@ def _recompute_lines(plan: Plan) -> list[str]:
 def _prediction_lines(plan: Plan) -> list[str]:
     p = plan.predicted
     fits = "fits" if p.fits_budget else "DOES NOT FIT"
-    reserve = plan_reserve_bytes(plan)
+    reserve = plan.reserve_bytes
     lines = [
         f"predicted step time {p.step_time_ms:,.1f} ms, {p.tokens_per_s:,.0f} tokens/s, "
         f"{p.model_tflops_per_device:.1f} model TFLOP/s per device",

@@ -32,17 +32,6 @@ def per_stage_gib(values: Sequence[int]) -> str:
     return "/".join(gib(v) for v in values)
 
 
-def plan_reserve_bytes(plan: Plan) -> int:
-    """The reserve the plan was made with.
-
-    plan.json does not store it, but every predicted peak is static + activations + reserve.
-    """
-    pred = plan.predicted
-    if not pred.ranks or not pred.peak_memory_bytes:
-        return 0
-    return max(0, pred.peak_memory_bytes[0] - pred.ranks[0].peak_memory_bytes)
-
-
 def plan_row(plan: Plan) -> list[str]:
     """One table row, in COLUMNS order."""
     p = plan.predicted
@@ -104,6 +93,7 @@ def plan_json_summary(plan: Plan) -> dict[str, Any]:
         "planner_ms": plan.planner_ms,
         "mip_gap": plan.mip_gap,
         "budget_bytes": plan.budget_bytes,
+        "reserve_bytes": plan.reserve_bytes,
         "partition": list(plan.partition),
         "cost_source": plan.cost_source,
         "notes": list(plan.notes),

@@ -1,8 +1,7 @@
 """`lynxpipe train`: run a plan on real processes (built-in launcher, torchrun, --emulate).
 
-Registers itself on `lynxpipe.cli.app` (`lynxpipe.cli` imports this module by name at its
-bottom; this module imports `lynxpipe.cli`). The logic lives in `lynxpipe.runtime` (`job`,
-`launch`, `train`, `checkpoint`); torch is imported by the ranks only (here: under torchrun).
+The logic lives in `lynxpipe.runtime` (`train.job`, `pipeline.launch`, `train.worker`,
+`train.checkpoint`); torch is imported by the ranks only (here: under torchrun).
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from lynxpipe.cli import (PolicyOpt, SpecArgs, _checked_load, app, build_request,
-                          default_policy, plan_one, spec_command)
+from lynxpipe import workflow
+from lynxpipe.cli.common import PolicyOpt, SpecArgs, build_request, spec_command
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan, load_plan
 
@@ -51,7 +50,6 @@ HELP = ("Train with a plan on real processes: built-in launcher, torchrun, or --
         "with 4-byte activations: the planner then counts the bytes the runtime measures.")
 
 
-@app.command("train", help=HELP)
 @spec_command
 def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
                   plan_file: PlanFile = None, steps: Steps = 10, seed: Seed = 1234,
@@ -68,7 +66,7 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
                   checkpoint_every=checkpoint_every, resume=resume,
                   checkpoint_dir=checkpoint_dir, emulate=emulate)
     plan = _resolve_plan(ctx, spec, policy, plan_file, device)
-    job = TrainJob(plan, steps, seed, data, lr, checkpoint_dir=str(checkpoint_dir or ""),
+    job = TrainJob(plan=plan, steps=steps, seed=seed, data=data, lr=lr, checkpoint_dir=str(checkpoint_dir or ""),
                    checkpoint_every=checkpoint_every, resume=resume, out=str(out),
                    timeout_s=timeout, device=device, emulate=emulate or "", progress=not quiet)
     if under_torchrun():
@@ -99,9 +97,9 @@ def _resolve_plan(ctx: typer.Context, spec: SpecArgs, policy: str | None,
         spec = dataclasses.replace(spec, dtype_bytes=4)
     if plan_file is None:
         req = build_request(spec)
-        return training_plan(plan_one(policy or default_policy(), req, strict=True), req, "",
-                             device)
-    plan = _checked_load(load_plan, plan_file, "plan")
+        made = workflow.plan_policy(policy or workflow.DEFAULT_POLICY, req, strict=True)
+        return training_plan(made, req, "", device)
+    plan = workflow.checked_load(load_plan, plan_file, "plan")
     # no spec flags at all: run the plan's own specs; any flag: all of them must match
     req = build_request(spec) if given - {"dtype_bytes", "profile"} else None
     return training_plan(plan, req, str(plan_file), device)

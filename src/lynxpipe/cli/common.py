@@ -1,0 +1,181 @@
+"""What every command shares: the spec flags (declared once, on `SpecArgs`, and injected by
+`spec_command`), turning them into a `PlanRequest` (through `lynxpipe.workflow`), and errors: a
+LynxError becomes one red `error: ...` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional
+
+import typer
+
+from lynxpipe import workflow
+from lynxpipe.errors import LynxError
+from lynxpipe.plan.planners import PLANNERS
+from lynxpipe.plan.types import PlanRequest
+from lynxpipe.specs import ParallelSpec, get_cluster, get_model
+from lynxpipe.units import parse_bytes
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What `lynxpipe simulate` / `compare` run with no flags.
+
+    Chosen so that recomputation is necessary and the policies differ: GPT-22B (Korthikanti's
+    model) on 16 A100-PCIe-40GB, tp=4 pp=4, micro-batch 1 x 8, seq 2048, budget = the 40 GiB
+    device. Keeping everything peaks at 48.2 GiB on stage 0, so `none` does not fit; full
+    (25.8 GiB, +44% step time), full-block (39.4 GiB, +8%) and selective (33.4 GiB, +2%) do,
+    and TP all-reduces over PCIe leave long windows for lynx to hide recompute in (lynx-heu
+    matched `none`'s step time). Of the layouts tried (gpt-13b/22b, tp 4/8, pp 4, micro-batch
+    1/2, 8/16 micro-batches) it is the one meeting those conditions with the widest spread
+    between policies; 8 micro-batches keep `lynxpipe compare` around a second.
+    """
+
+    model: str = "gpt-22b"
+    cluster: str = "a100-pcie"
+    tp: int = 4
+    pp: int = 4
+    dp: int = 1
+    micro_batch_size: int = 1
+    num_microbatches: int = 8
+    seq_len: int = 2048
+    schedule: str = "1f1b"
+    time_limit_s: float = 30.0
+
+
+DEFAULTS = Defaults()
+
+
+def _opt(default: Any, *flags: str, help: str, panel: str = "Specs") -> Any:
+    return field(default=default, metadata={
+        "option": typer.Option(*flags, help=help, rich_help_panel=panel)})
+
+
+@dataclass(frozen=True)
+class SpecArgs:
+    """The flags shared by every command (one source of truth for their names and help)."""
+
+    model: str = _opt(DEFAULTS.model, "--model", help="Model preset or HF config.json path.")
+    cluster: str = _opt(DEFAULTS.cluster, "--cluster", help="Cluster preset or JSON file.")
+    tp: int = _opt(DEFAULTS.tp, "--tp", help="Tensor-parallel degree.")
+    pp: int = _opt(DEFAULTS.pp, "--pp", help="Pipeline-parallel degree.")
+    dp: int = _opt(DEFAULTS.dp, "--dp", help="Data-parallel degree.")
+    devices: Optional[int] = _opt(None, "--devices", help="Total devices; must be tp*pp*dp.")
+    sequence_parallel: bool = _opt(False, "--sequence-parallel/--no-sequence-parallel",
+                                   help="Megatron sequence parallelism.")
+    micro_batch_size: int = _opt(DEFAULTS.micro_batch_size, "--micro-batch-size",
+                                 help="Sequences per micro-batch.")
+    num_microbatches: int = _opt(DEFAULTS.num_microbatches, "--num-microbatches",
+                                 help="Micro-batches per step.")
+    seq_len: int = _opt(DEFAULTS.seq_len, "--seq-len", help="Sequence length.")
+    schedule: str = _opt(DEFAULTS.schedule, "--schedule", help="gpipe, 1f1b or interleaved.")
+    virtual_stages: int = _opt(1, "--virtual-stages", help="Chunks per rank (interleaved).")
+    distributed_optimizer: bool = _opt(False, "--distributed-optimizer",
+                                       help="Shard optimizer state over DP.")
+    dtype_bytes: Optional[int] = _opt(None, "--dtype-bytes",
+                                      help="Bytes per activation element (default: the model's, "
+                                           "2 for the presets); `train` on CPU uses 4 (fp32).")
+    budget: Optional[str] = _opt(None, "--budget", panel="Memory",
+                                 help="Per-device budget (bytes or e.g. 40GiB); default: the "
+                                      "cluster's device memory.")
+    reserve: str = _opt("0", "--reserve", panel="Memory",
+                        help="Memory held back per device (workspace, fragmentation).")
+    profile: Optional[Path] = _opt(None, "--profile", panel="Planning",
+                                   help="profile.json with measured costs (default: analytic).")
+    partition: str = _opt("default", "--partition", panel="Planning",
+                          help="uniform, balanced or default (per policy).")
+    time_limit: float = _opt(DEFAULTS.time_limit_s, "--time-limit", panel="Planning",
+                             help="MILP time limit in seconds.")
+
+
+def print_error(message: str) -> None:
+    """One red line on stderr, however many lines the message had."""
+    typer.secho(f"error: {' '.join(message.split())}", fg="red", err=True)
+
+
+def fail(message: str) -> typing.NoReturn:
+    """Print the error and exit with code 2 (the code click uses for usage errors)."""
+    print_error(message)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def lynx_errors() -> Iterator[None]:
+    """Turn LynxError into `fail`; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except LynxError as exc:
+        fail(str(exc))
+
+
+def spec_command(func: Callable[..., None]) -> Callable[..., None]:
+    """Give `func(spec: SpecArgs, ...)` every SpecArgs field as a typer option."""
+    sig = inspect.signature(func, eval_str=True)
+    own = [p for name, p in sig.parameters.items() if name != "spec"]
+    hints = typing.get_type_hints(SpecArgs)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                               annotation=Annotated[hints[f.name], f.metadata["option"]])
+             for f in fields(SpecArgs)]
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> None:
+        spec = SpecArgs(**{f.name: kwargs.pop(f.name) for f in fields(SpecArgs)})
+        with lynx_errors():
+            func(spec=spec, **kwargs)
+
+    params = own + extra
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+# -- turning flags into a PlanRequest --------------------------------------------------------
+
+def _reserve_bytes(text: str) -> int:
+    with contextlib.suppress(ValueError):
+        if float(text) == 0:
+            return 0
+    return parse_bytes(text, "--reserve")
+
+
+def build_request(spec: SpecArgs) -> PlanRequest:
+    """Parse every flag into library spec types and let the workflow validate the rest."""
+    model, cluster = get_model(spec.model), get_cluster(spec.cluster)
+    if spec.dtype_bytes is not None:
+        if spec.dtype_bytes not in (1, 2, 4):
+            raise LynxError(f"--dtype-bytes {spec.dtype_bytes} must be 1, 2 or 4")
+        model = dataclasses.replace(model, dtype_bytes=spec.dtype_bytes)
+    par = ParallelSpec(
+        tp=spec.tp, pp=spec.pp, dp=spec.dp, sequence_parallel=spec.sequence_parallel,
+        micro_batch_size=spec.micro_batch_size, num_microbatches=spec.num_microbatches,
+        seq_len=spec.seq_len, schedule=spec.schedule,  # type: ignore[arg-type]
+        virtual_stages=spec.virtual_stages, distributed_optimizer=spec.distributed_optimizer)
+    budget = parse_bytes(spec.budget, "--budget") if spec.budget is not None else None
+    return workflow.build_request(
+        model, cluster, par, budget_bytes=budget, reserve_bytes=_reserve_bytes(spec.reserve),
+        profile=spec.profile, partition=spec.partition, time_limit_s=spec.time_limit,
+        devices=spec.devices, adopt_profile_dtype=spec.dtype_bytes is None)
+
+
+def policy_names(text: str | None) -> list[str]:
+    """The comma-separated --policies list (default: every registered policy), checked."""
+    names = [n.strip() for n in (text or ",".join(PLANNERS)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in PLANNERS]
+    if unknown or not names:
+        raise LynxError(f"--policies {text!r}: unknown policy {', '.join(unknown) or '(none)'}; "
+                        f"choose among {', '.join(PLANNERS)}")
+    return list(dict.fromkeys(names))
+
+
+OutDir = Annotated[Optional[Path], typer.Option(
+    "--out", file_okay=False, help="Directory for trace.json, timeline.png and result.json.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
+PolicyOpt = Annotated[Optional[str], typer.Option(
+    "--policy", help=f"Recomputation policy (default: {workflow.DEFAULT_POLICY}).")]
