@@ -26,18 +26,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from paper_scale_report import (
+    CLUSTERS,
+    GAP_TOL,
+    ON_DEMAND,
+    POLICIES,
+    Row,
+    pct,
+    plot_speedup,
+    report,
+    row_label,
+    update_benchmarks_md,
+)
+
 from lynxpipe.artifact import write_json_atomic
 from lynxpipe.cost.table import CostTable, analytic_costs
 from lynxpipe.plan.planners import PLANNERS, make
-from lynxpipe.schedule.policy import KEEP_ALL
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.console import stdout_console
 from lynxpipe.report.summary import recompute_counts
 from lynxpipe.report.tables import plan_json_summary
+from lynxpipe.schedule.policy import KEEP_ALL
 from lynxpipe.sim.program import compile_program
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
-from paper_scale_report import (CLUSTERS, GAP_TOL, ON_DEMAND, POLICIES, Row, pct, plot_speedup,
-                                report, row_label, update_benchmarks_md)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "paper_scale"

@@ -310,9 +310,10 @@ def why_memory(rows: Sequence[Row]) -> str:
 # -- outputs ------------------------------------------------------------------------------------
 def plot_speedup(rows: Sequence[Row], names: Sequence[str], path: Path) -> Path:
     """Grouped bars of speedup over `full`, one panel per budget fraction; hatched = over budget."""
-    import lynxpipe.report.plot  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    import lynxpipe.report.plot  # noqa: F401  (selects the Agg backend)
 
     fracs = sorted({r["budget"]["fraction"] for r in rows}, reverse=True)
     shown = [n for n in names if n != "full"]

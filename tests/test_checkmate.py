@@ -12,9 +12,9 @@ from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.checkmate import plan_checkmate
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.opt import solve_lynx_opt
-from lynxpipe.schedule.policy import FULL, LayerPolicy
 from lynxpipe.plan.simple import default_partition, plan_full, plan_selective
 from lynxpipe.plan.types import PlanRequest
+from lynxpipe.schedule.policy import FULL, LayerPolicy
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 from lynxpipe.specs.model import with_layers
 

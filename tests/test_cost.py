@@ -5,7 +5,12 @@ import pytest
 from lynxpipe.cost.flops import narayanan_flops, step_flops
 from lynxpipe.cost.graph import Collective
 from lynxpipe.cost.layers import layer_graph
-from lynxpipe.cost.table import analytic_costs, collective_ms, load_profile, save_profile
+from lynxpipe.cost.table import (
+    analytic_costs,
+    collective_ms,
+    load_profile,
+    save_profile,
+)
 from lynxpipe.plan.simple import SELECTIVE_TENSORS
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 

@@ -1,7 +1,8 @@
 """Profile fitting on synthetic data and loading a measured profile in the planner."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lynxpipe.cost.fit import fit_alpha_beta, measured_table
 from lynxpipe.cost.table import OpTime, analytic_costs, load_profile, save_profile

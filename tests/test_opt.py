@@ -14,8 +14,8 @@ from lynxpipe.plan.checkmate import plan_checkmate
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.opt import plan_lynx_opt, solve_lynx_opt, translate
-from lynxpipe.plan.period import make_period
 from lynxpipe.plan.options import LayerOption, layer_options
+from lynxpipe.plan.period import make_period
 from lynxpipe.plan.simple import default_partition, plan_full
 from lynxpipe.plan.types import PlanRequest
 from lynxpipe.schedule.validate import validate_order

@@ -3,15 +3,16 @@
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.planners import PLANNERS, make
 from lynxpipe.plan.types import PlanRequest, load_plan, save_plan
 from lynxpipe.schedule.validate import validate_order
-from lynxpipe.specs import ModelSpec, ParallelSpec, get_cluster
 from lynxpipe.sim.engine import simulate
+from lynxpipe.specs import ModelSpec, ParallelSpec, get_cluster
 
 TOL = 1e-6  # relative slack for float noise; MILP gaps are added on top
 

@@ -20,11 +20,18 @@ from lynxpipe.cli import app
 from lynxpipe.cost.fit import fit_alpha_beta
 from lynxpipe.cost.table import analytic_costs, load_profile
 from lynxpipe.plan.types import load_plan
+from lynxpipe.profile.assemble import assemble
+from lynxpipe.profile.measure import pieces
 from lynxpipe.profile.run import geometric_sizes
-from lynxpipe.workflow import model_for_profile
-from lynxpipe.profile.measure import (CommSamples, KindTimes, Measurement, OpSamples, Series,
-                                      assemble, pieces)
+from lynxpipe.profile.samples import (
+    CommSamples,
+    KindTimes,
+    Measurement,
+    OpSamples,
+    Series,
+)
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
+from lynxpipe.workflow import model_for_profile
 
 runner = CliRunner()
 TINY = ["--model", "gpt-tiny", "--pp", "1", "--seq-len", "64", "--micro-batch-size", "1",

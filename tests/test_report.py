@@ -9,13 +9,17 @@ import pytest
 
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.planners import make
-from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.plot import plot_compare, plot_timeline
 from lynxpipe.report.summary import layer_runs, plan_summary_text, recompute_counts
-from lynxpipe.report.tables import (COLUMNS, plan_json_summary,
-                                    plans_markdown, plans_table)
+from lynxpipe.report.tables import (
+    COLUMNS,
+    plan_json_summary,
+    plans_markdown,
+    plans_table,
+)
 from lynxpipe.report.trace import CATEGORIES, STREAMS, chrome_trace, write_trace
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
 from lynxpipe.sim.engine import simulate
 from lynxpipe.sim.result import SimResult
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model

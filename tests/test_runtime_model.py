@@ -10,10 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lynxpipe.errors import LynxError  # noqa: E402
-from lynxpipe.runtime.model.layer import BuildConfig  # noqa: E402
 from lynxpipe.runtime.engine.recompute import RecomputeEngine  # noqa: E402
-from lynxpipe.runtime.engine.selfcheck import (check_step_order, self_check,  # noqa: E402
-                                        standard_cases)
+from lynxpipe.runtime.engine.selfcheck import (  # noqa: E402
+    check_step_order,
+    self_check,
+    standard_cases,
+)
+from lynxpipe.runtime.model.layer import BuildConfig  # noqa: E402
 from lynxpipe.runtime.model.stage import Stage  # noqa: E402
 from lynxpipe.runtime.model.tp import TPContext  # noqa: E402
 from lynxpipe.schedule.actions import Window  # noqa: E402

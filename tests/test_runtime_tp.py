@@ -29,8 +29,12 @@ def _free_port() -> int:
 
 
 def _checks(rank: int) -> list[str]:
+    from lynxpipe.runtime.engine.selfcheck import (
+        check_step_order,
+        check_tp_equivalence,
+        self_check,
+    )
     from lynxpipe.runtime.model.layer import BuildConfig
-    from lynxpipe.runtime.engine.selfcheck import check_step_order, check_tp_equivalence, self_check
     from lynxpipe.runtime.model.stage import Stage
     from lynxpipe.runtime.model.tp import TPContext
     from lynxpipe.specs.model import ModelSpec

@@ -1,14 +1,15 @@
 """Simulator: exact toy cases, windows, on-demand recompute, memory and deadlock detection."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conftest import toy_costs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from lynxpipe.errors import LynxError
-from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
 from lynxpipe.plan.recompute import insert_recompute
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.orders import make_order
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
 from lynxpipe.sim.engine import simulate
 
 

@@ -6,8 +6,17 @@ import pytest
 
 from lynxpipe.artifact import from_dict, to_dict
 from lynxpipe.errors import LynxError
-from lynxpipe.specs import (CLUSTER_PRESETS, MODEL_PRESETS, ClusterSpec, ModelSpec, ParallelSpec,
-                            get_cluster, get_model, load_hf_config, validate_layout)
+from lynxpipe.specs import (
+    CLUSTER_PRESETS,
+    MODEL_PRESETS,
+    ClusterSpec,
+    ModelSpec,
+    ParallelSpec,
+    get_cluster,
+    get_model,
+    load_hf_config,
+    validate_layout,
+)
 from lynxpipe.units import parse_bytes
 
 

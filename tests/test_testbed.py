@@ -14,11 +14,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from lynxpipe.cli.cluster import cluster_app
 from lynxpipe.errors import LynxError
 from lynxpipe.testbed import janitor, netns
-from lynxpipe.cli.cluster import cluster_app
-from lynxpipe.testbed.spec import (EmulatedCluster, default_burst_bytes, parse_emulate,
-                                   parse_latency, parse_rate, tc_commands)
+from lynxpipe.testbed.spec import (
+    EmulatedCluster,
+    default_burst_bytes,
+    parse_emulate,
+    parse_latency,
+    parse_rate,
+    tc_commands,
+)
 
 # Concurrent runs of this file (several engineers, one machine) must not meet: each run gets
 # its own block of cluster ids (never 0, a user's default) and its own argv mark.

@@ -15,9 +15,9 @@ import torch.distributed as dist
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.planners import make
 from lynxpipe.plan.types import PlanRequest
-from lynxpipe.runtime.train.data import DataSpec, batches
-from lynxpipe.runtime.pipeline.groups import RankLayout, make_groups
 from lynxpipe.runtime.pipeline.from_plan import planned_where
+from lynxpipe.runtime.pipeline.groups import RankLayout, make_groups
+from lynxpipe.runtime.train.data import DataSpec, batches
 from lynxpipe.runtime.train.worker import setup_rank
 from lynxpipe.specs import ParallelSpec, get_cluster
 from lynxpipe.specs.model import MODEL_PRESETS

@@ -10,8 +10,15 @@ from typing import Annotated, Optional
 import typer
 
 from lynxpipe import workflow
-from lynxpipe.cli.common import (JsonFlag, OutDir, PolicyOpt, SpecArgs, build_request,
-                                 policy_names, spec_command)
+from lynxpipe.cli.common import (
+    JsonFlag,
+    OutDir,
+    PolicyOpt,
+    SpecArgs,
+    build_request,
+    policy_names,
+    spec_command,
+)
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.planners import make
 from lynxpipe.plan.types import Plan, load_plan, save_plan

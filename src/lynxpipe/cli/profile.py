@@ -29,7 +29,7 @@ from lynxpipe.profile.run import Progress, profile_ranks, resolve_runtime, run_p
 from lynxpipe.report.console import planning_progress, stdout_console
 
 if TYPE_CHECKING:
-    from lynxpipe.profile.measure import Measurement
+    from lynxpipe.profile.samples import Measurement
 
 
 def _ms(value: float) -> str:
@@ -54,7 +54,7 @@ def ops_table(measured: CostTable, analytic: CostTable, cluster: str) -> Table:
 
 def comm_table(m: Measurement, measured: CostTable, analytic: CostTable) -> Table:
     """Alpha-beta fits and what they give for the model's own messages."""
-    from lynxpipe.profile.measure import comm_fits
+    from lynxpipe.profile.assemble import comm_fits
 
     fits, p2p = comm_fits(m.comm)
     table = Table(title="communication", title_justify="left")

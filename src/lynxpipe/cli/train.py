@@ -59,8 +59,8 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
                   resume: Resume = False, out: RunOut = Path("run.json"),
                   quiet: Quiet = False) -> None:
     """Train with a plan on real processes (see HELP)."""
-    from lynxpipe.runtime.train.job import TrainJob, check_options
     from lynxpipe.runtime.pipeline.launch import launch, under_torchrun
+    from lynxpipe.runtime.train.job import TrainJob, check_options
 
     check_options(steps=steps, data=data, device=device, timeout_s=timeout,
                   checkpoint_every=checkpoint_every, resume=resume,

@@ -8,9 +8,12 @@ reproduce Korthikanti et al. (2022): sbh(10 + 24/t + 5as/(ht)) without SP and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lynxpipe.cost.graph import Collective, CollKind, LayerGraph, Op, Step, Tensor
+from lynxpipe.errors import LynxError
+from lynxpipe.specs.families import Family
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
@@ -157,31 +160,26 @@ def _attention_core(bld: _Builder, d: _Dims, qkv: str, dropout: bool) -> str:
     return attn_in
 
 
-GPT_NORM_FLOPS, LLAMA_NORM_FLOPS = 8, 4
-"""FLOPs per element of LayerNorm and RMSNorm (they also tell the two apart)."""
-
-
-def _norm_stats(bld: _Builder, d: _Dims, norm: str, norm_flops: int) -> None:
+def _norm_stats(bld: _Builder, d: _Dims, norm: str, family: Family) -> None:
     """fp32 statistics a norm keeps for backward: mean and 1/std (LayerNorm) or 1/rms.
 
     Korthikanti's formulas leave them out as small; autograd holds them, so the memory model
     counts them (as `<norm>_stats`, never droppable: regenerating them is regenerating the norm).
     """
-    per_token = 8 if norm_flops == GPT_NORM_FLOPS else 4
-    bld.save(f"{norm}_stats", per_token * d.nl, norm, (norm,), False)
+    bld.save(f"{norm}_stats", family.norm_stats_bytes_per_token() * d.nl, norm, (norm,), False)
 
 
-def _attention_block(bld: _Builder, d: _Dims, drop: bool, norm_flops: int, rope: bool,
-                     mlp_in: str) -> None:
+def _attention_block(bld: _Builder, d: _Dims, drop: bool, family: Family, mlp_in: str) -> None:
     """Norm, QKV (+RoPE), attention core, out-proj, its reduction, residual, second norm."""
-    q_width = d.h // d.t
+    q_width, norm_flops = d.h // d.t, family.norm_flops_per_element()
     bld.op("ln1", ("x",), "ln1_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
     bld.save("x", d.e * d.nl * d.h, "", ("ln1",), False)
-    _norm_stats(bld, d, "ln1", norm_flops)
+    _norm_stats(bld, d, "ln1", family)
     bld.save("ln1_out", d.e * d.nl * d.h, "ln1", ("qkv",), True)
     _gather(bld, d, "ag_qkv")
     qkv_width = q_width + 2 * d.kv
-    rope_flops, rope_bytes = (6 * d.n * qkv_width, d.e * d.n * qkv_width) if rope else (0, 0)
+    rope_flops, rope_bytes = ((6 * d.n * qkv_width, d.e * d.n * qkv_width) if family.rope
+                              else (0, 0))
     bld.op("qkv", ("ln1_out",), "qkv_out", 2 * d.n * d.h * qkv_width + rope_flops,
            d.e * (d.n * d.h + d.n * qkv_width + d.h * qkv_width) + rope_bytes, gemm=True)
     bld.save("qkv_out", d.e * d.n * qkv_width, "qkv", ("scores", "av"), not d.sp)
@@ -191,16 +189,13 @@ def _attention_block(bld: _Builder, d: _Dims, drop: bool, norm_flops: int, rope:
     _reduce(bld, d, "ar_proj")
     _residual(bld, d, "res1", "h1", drop, ("ln2",))
     bld.op("ln2", ("h1",), "ln2_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
-    _norm_stats(bld, d, "ln2", norm_flops)
+    _norm_stats(bld, d, "ln2", family)
     bld.save("ln2_out", d.e * d.nl * d.h, "ln2", (mlp_in,), True)
     _gather(bld, d, "ag_fc1")
 
 
-def gpt_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
-    """Megatron GPT layer: LN, QKV, attention, proj, dropout+residual, LN, FC1, GeLU, FC2."""
-    d, drop = _dims(model, par), model.dropout > 0
-    bld = _Builder("layer")
-    _attention_block(bld, d, drop, GPT_NORM_FLOPS, False, "fc1")
+def _gelu_mlp(bld: _Builder, d: _Dims) -> None:
+    """Megatron GPT MLP: FC1 (column-parallel), GeLU, FC2 (row-parallel)."""
     bld.op("fc1", ("ln2_out",), "fc1_out", 2 * d.n * d.h * d.f,
            d.e * (d.n * d.h + d.n * d.f + d.h * d.f), gemm=True)
     bld.save("fc1_out", d.e * d.n * d.f, "fc1", ("gelu",), not d.sp)
@@ -208,9 +203,52 @@ def gpt_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     bld.save("gelu_out", d.e * d.n * d.f, "gelu", ("fc2",), True)
     bld.op("fc2", ("gelu_out",), "", 2 * d.n * d.f * d.h,
            d.e * (d.n * d.f + d.n * d.h + d.h * d.f), gemm=True)
+
+
+def _swiglu_mlp(bld: _Builder, d: _Dims) -> None:
+    """LLaMA MLP: fused gate/up projection (column-parallel), SwiGLU, down (row-parallel)."""
+    bld.op("gate_up", ("ln2_out",), "gate_up_out", 2 * d.n * d.h * 2 * d.f,
+           d.e * (d.n * d.h + 2 * d.n * d.f + 2 * d.h * d.f), gemm=True)
+    bld.save("gate_up_out", d.e * 2 * d.n * d.f, "gate_up", ("swiglu",), not d.sp)
+    bld.op("swiglu", ("gate_up_out",), "swiglu_out", 6 * d.n * d.f, 3 * d.e * d.n * d.f)
+    bld.save("swiglu_out", d.e * d.n * d.f, "swiglu", ("down",), True)
+    bld.op("down", ("swiglu_out",), "", 2 * d.n * d.f * d.h,
+           d.e * (d.n * d.f + d.n * d.h + d.h * d.f), gemm=True)
+
+
+@dataclass(frozen=True)
+class MlpBuilder:
+    """How one kind of MLP (`Family.mlp`) enters the layer graph."""
+
+    first: str
+    """Column-parallel op reading the second norm's output."""
+    last: str
+    """Row-parallel op whose output is reduced across TP."""
+    build: Callable[[_Builder, _Dims], None]
+    """Adds the MLP's ops and saved tensors."""
+
+
+MLP_BUILDERS: dict[str, MlpBuilder] = {
+    "gelu": MlpBuilder("fc1", "fc2", _gelu_mlp),
+    "swiglu": MlpBuilder("gate_up", "down", _swiglu_mlp),
+}
+"""Graph builder of every `Family.mlp` kind."""
+
+
+def transformer_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
+    """One decoder layer of `model`'s family: norm, QKV (+RoPE), attention, out-proj, its TP
+    reduction, residual; norm, MLP, its TP reduction, residual."""
+    family = model.family_info
+    mlp = MLP_BUILDERS.get(family.mlp)
+    if mlp is None:
+        raise LynxError(f"family {family.name}: no graph builder for MLP kind {family.mlp!r}")
+    d, drop = _dims(model, par), model.dropout > 0
+    bld = _Builder("layer")
+    _attention_block(bld, d, drop, family, mlp.first)
+    mlp.build(bld, d)
     _reduce(bld, d, "ar_fc2")
     _residual(bld, d, "res2", "", drop, ())
-    return bld.build(_bwd_colls(bld, d, ("qkv", "fc1"), ("proj", "fc2")))
+    return bld.build(_bwd_colls(bld, d, ("qkv", mlp.first), ("proj", mlp.last)))
 
 
 def _residual(bld: _Builder, d: _Dims, name: str, out: str, dropout: bool,
@@ -243,23 +281,6 @@ def _bwd_colls(bld: _Builder, d: _Dims, column: tuple[str, ...],
     return placement
 
 
-def llama_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
-    """LLaMA layer: RMSNorm, QKV (GQA) + RoPE, attention, o-proj, RMSNorm, SwiGLU MLP."""
-    d, drop = _dims(model, par), model.dropout > 0
-    bld = _Builder("layer")
-    _attention_block(bld, d, drop, LLAMA_NORM_FLOPS, True, "gate_up")
-    bld.op("gate_up", ("ln2_out",), "gate_up_out", 2 * d.n * d.h * 2 * d.f,
-           d.e * (d.n * d.h + 2 * d.n * d.f + 2 * d.h * d.f), gemm=True)
-    bld.save("gate_up_out", d.e * 2 * d.n * d.f, "gate_up", ("swiglu",), not d.sp)
-    bld.op("swiglu", ("gate_up_out",), "swiglu_out", 6 * d.n * d.f, 3 * d.e * d.n * d.f)
-    bld.save("swiglu_out", d.e * d.n * d.f, "swiglu", ("down",), True)
-    bld.op("down", ("swiglu_out",), "", 2 * d.n * d.f * d.h,
-           d.e * (d.n * d.f + d.n * d.h + d.h * d.f), gemm=True)
-    _reduce(bld, d, "ar_fc2")
-    _residual(bld, d, "res2", "", drop, ())
-    return bld.build(_bwd_colls(bld, d, ("qkv", "gate_up"), ("proj", "down")))
-
-
 def embed_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     """Vocab-parallel embedding (+ position embedding for GPT) and embedding dropout."""
     d = _dims(model, par)
@@ -279,11 +300,12 @@ def head_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     """Final norm, vocab-parallel LM head and vocab-parallel cross-entropy (fp32 softmax)."""
     d = _dims(model, par)
     bld = _Builder("head")
-    norm_flops = GPT_NORM_FLOPS if model.family == "gpt" else LLAMA_NORM_FLOPS
+    family = model.family_info
+    norm_flops = family.norm_flops_per_element()
     bld.op("final_ln", ("final_ln_in",), "final_ln_out", norm_flops * d.nl * d.h,
            2 * d.e * d.nl * d.h)
     bld.save("final_ln_in", d.e * d.nl * d.h, "", ("final_ln",), False)
-    _norm_stats(bld, d, "final_ln", norm_flops)
+    _norm_stats(bld, d, "final_ln", family)
     bld.save("final_ln_out", d.e * d.nl * d.h, "final_ln", ("logits",), False)
     _gather(bld, d, "ag_head")
     bld.op("logits", ("final_ln_out",), "", 2 * d.n * d.h * d.v,
@@ -299,5 +321,5 @@ def head_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
 
 
 def layer_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
-    """The transformer layer of `model`'s family."""
-    return gpt_layer(model, par) if model.family == "gpt" else llama_layer(model, par)
+    """The transformer layer of `model`'s family (`specs.families`)."""
+    return transformer_layer(model, par)

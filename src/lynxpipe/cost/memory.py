@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lynxpipe.cost.table import CostTable
-from lynxpipe.schedule.policy import stage_layers
 from lynxpipe.schedule.actions import PipelineOrder
+from lynxpipe.schedule.policy import stage_layers
 from lynxpipe.schedule.validate import inflight_peak
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from lynxpipe.cost.flops import step_flops
-from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.plan.recompute import TaskKey, insert_recompute
 from lynxpipe.plan.types import Plan, PlanRequest, Prediction, plan_fingerprint
 from lynxpipe.schedule.actions import PipelineOrder, Window
 from lynxpipe.schedule.orders import make_order
+from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.sim.engine import simulate
 from lynxpipe.sim.result import SimResult
 

@@ -15,19 +15,19 @@ from dataclasses import replace
 
 import numpy as np
 
+from lynxpipe.cost.memory import RankBudget
 from lynxpipe.plan.checkmate import checkmate_run
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
-from lynxpipe.cost.memory import RankBudget
-from lynxpipe.plan.options import layer_options
 from lynxpipe.plan.loop import assign, tighten_loop
+from lynxpipe.plan.options import layer_options
 from lynxpipe.plan.partition import choose_partition, default_partition
-from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey, required_tasks
 from lynxpipe.plan.refine import refine
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.plan.windows import Slot, exposure, natural_slots
 from lynxpipe.schedule.actions import Window
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import BWD_COLL
 from lynxpipe.sim.engine import simulate
 

@@ -22,19 +22,19 @@ from dataclasses import replace
 
 import numpy as np
 
+from lynxpipe.cost.memory import static_bytes
 from lynxpipe.plan.checkmate import plan_checkmate
 from lynxpipe.plan.finalize import base_order, make_plan
-from lynxpipe.cost.memory import static_bytes
+from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.milp import Lp, Placement, RankMilp
 from lynxpipe.plan.options import LayerOption, layer_options
-from lynxpipe.plan.period import Key, LayerData, Period, layer_data, make_period
-from lynxpipe.schedule.policy import FULL, KEEP_ALL
-from lynxpipe.plan.recompute import TaskKey
-from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.partition import choose_partition
+from lynxpipe.plan.period import Key, LayerData, Period, layer_data, make_period
+from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.simple import plan_full
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Action, Window
+from lynxpipe.schedule.policy import FULL, KEEP_ALL
 from lynxpipe.schedule.windows import BWD_COLL, RECV
 from lynxpipe.sim.engine import simulate
 from lynxpipe.sim.result import SimResult

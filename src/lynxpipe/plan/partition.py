@@ -9,13 +9,13 @@ from functools import cache
 
 import numpy as np
 
+from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
-from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.types import PlanRequest
-from lynxpipe.schedule.policy import uniform_partition
 from lynxpipe.plan.windows import exposure, natural_slots
+from lynxpipe.schedule.policy import uniform_partition
 
 
 def default_partition(req: PlanRequest) -> tuple[int, ...]:

@@ -17,9 +17,15 @@ import numpy as np
 
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.options import LayerOption, option_for
-from lynxpipe.schedule.policy import FULL, FULL_SEGMENT, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.plan.types import PlanRequest
 from lynxpipe.schedule.actions import Action, Window
+from lynxpipe.schedule.policy import (
+    FULL,
+    FULL_SEGMENT,
+    KEEP_ALL,
+    LayerPolicy,
+    stage_layers,
+)
 from lynxpipe.schedule.windows import FWD_COLL, RECV
 from lynxpipe.sim.program import compile_program
 

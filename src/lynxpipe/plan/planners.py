@@ -9,10 +9,10 @@ from lynxpipe.plan.checkmate import plan_adapipe, plan_checkmate
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.heu import plan_lynx_heu
 from lynxpipe.plan.opt import plan_lynx_opt
-from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.plan.partition import default_partition
 from lynxpipe.plan.simple import plan_full, plan_full_block, plan_none, plan_selective
 from lynxpipe.plan.types import Plan, PlanRequest
+from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.units import format_bytes
 
 Planner = Callable[[PlanRequest], Plan]

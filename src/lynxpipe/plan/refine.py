@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.options import option_for
-from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Window
+from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import FWD_COLL, RECV, is_planned
 from lynxpipe.sim.result import SimResult
 

@@ -9,8 +9,8 @@ from typing import Literal
 from lynxpipe.artifact import fingerprint, load_artifact, save_artifact
 from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
-from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.schedule.actions import PipelineOrder
+from lynxpipe.schedule.policy import LayerPolicy
 from lynxpipe.sim.result import RankStats
 from lynxpipe.specs.cluster import ClusterSpec
 from lynxpipe.specs.model import ModelSpec

@@ -1,5 +1,5 @@
-"""`lynxpipe profile --measure`, torch side: time the reference layer's ops on this device and
-turn measurements (ops here, communication from `profile_comm`) into a measured CostTable.
+"""`lynxpipe profile --measure`, torch side: time the reference layer's ops on this device
+(communication is timed by `profile.comm`; `profile.assemble` turns both into a CostTable).
 
 The layer is the runtime's `TransformerLayer` for one TP rank (tp > 1: on a *fake* process
 group of the TP size: real shard widths, free collectives; those are measured apart). Forward:
@@ -19,128 +19,26 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
-from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from lynxpipe.cost.fit import AlphaBeta, fit_alpha_beta, measured_table
 from lynxpipe.cost.graph import LayerGraph
-from lynxpipe.cost.table import CostTable, LayerCost, OpTime
+from lynxpipe.profile.samples import (
+    GROUP_SEP,
+    KindTimes,
+    Measurement,
+    OpSamples,
+    ProfileJob,
+    Progress,
+)
 from lynxpipe.runtime.model.env import PLAIN, Env, PlainRuntime
 from lynxpipe.runtime.model.layer import BuildConfig, TransformerLayer
 from lynxpipe.runtime.model.stage import Stage
-from lynxpipe.specs.model import ModelSpec
-from lynxpipe.specs.parallel import ParallelSpec
 from lynxpipe.schedule.windows import FWD_COLL
 
-MIN_OP_MS = 1e-4
-"""Floor of a measured op time: below the timer's resolution, but the table needs > 0."""
-GROUP_SEP = "+"
-"""Joins the graph ops of one timed piece (e.g. `logits+ce_max`)."""
-Progress = Callable[[str, int, int], None]
-"""`progress(what, done, total)`."""
-
-
-@dataclass(frozen=True)
-class ProfileJob:
-    """What to measure; sent as JSON to every launched rank."""
-
-    model: ModelSpec
-    """The model with the runtime's dtype_bytes (fingerprinted into the profile)."""
-    par: ParallelSpec
-    """Parallel layout; tp, sequence_parallel, seq_len and micro_batch_size shape the ops."""
-    dtype: str
-    """torch dtype name of parameters and activations, e.g. `float32`."""
-    device: str
-    """`cpu` or `cuda`."""
-    ranks: int
-    """Processes launched (1: measured in-process, no communication)."""
-    repeats: int
-    """Timed repetitions per measurement (the median is kept)."""
-    warmup: int
-    """Untimed repetitions before them."""
-    coll_sizes_bytes: tuple[int, ...]
-    """Collective sizes to time (full, unsharded tensor bytes, as `Collective.size_bytes`)."""
-    p2p_sizes_bytes: tuple[int, ...]
-    """Point-to-point message sizes to time."""
-    window_bytes: int
-    """All-reduce size the contention probe starts from (grown until the window is long enough)."""
-    seed: int = 1234
-    """Weight and data seed."""
-
-
-@dataclass(frozen=True)
-class KindTimes:
-    """Measured times of one graph (layer, embed or head); keys are ops or `op1+op2` pieces."""
-
-    fwd_ms: dict[str, float]
-    """Forward time per op, or per piece when several ops were timed together."""
-    bwd_ms: dict[str, float]
-    """Backward shares per op or piece (rescaled so they add up to `bwd_total_ms`)."""
-    bwd_total_ms: float
-    """Whole backward (median)."""
-
-
-@dataclass(frozen=True)
-class OpSamples:
-    """Everything timed on the compute side."""
-
-    layer: KindTimes
-    """The transformer layer."""
-    embed: KindTimes
-    """The embedding."""
-    head: KindTimes
-    """Final norm, LM head and loss."""
-    optimizer_ms_per_param: float
-    """AdamW step time per parameter."""
-
-
-@dataclass(frozen=True)
-class Series:
-    """Median times of one message kind at several sizes."""
-
-    sizes_bytes: tuple[int, ...]
-    """Message sizes (collectives: full tensor bytes)."""
-    times_ms: tuple[float, ...]
-    """Median time at each size (slowest rank)."""
-
-
-@dataclass(frozen=True)
-class CommSamples:
-    """Everything timed on the communication side."""
-
-    collectives: dict[str, Series]
-    """Per collective kind (`all_reduce`, `all_gather`, `reduce_scatter`); empty when tp == 1."""
-    p2p: Series | None
-    """One-way send times between ranks 0 and 1 (None with a single rank)."""
-    contention: float | None
-    """Usable fraction of a window (see `profile_comm.contention_probe`); None if not probed."""
-    window_ms: float
-    """Alone-time of the all-reduce the contention was probed with."""
-    window_bytes: int
-    """Its size."""
-    backend: str
-    """torch.distributed backend the messages went through."""
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One `profile --measure` run: what rank 0 sends back."""
-
-    ops: OpSamples
-    """Compute side."""
-    comm: CommSamples | None
-    """Communication side (None when only one rank was launched)."""
-    device: str
-    """Device the ops ran on, e.g. `cpu` or `cuda:0 (NVIDIA H100)`."""
-    concurrent_ranks: int
-    """Ranks that timed their ops at the same time (sharing the CPU cores)."""
-
-
-# -- timing helpers -------------------------------------------------------------------------
 
 class Marks:
     """Timestamps in ms. On a GPU they are CUDA events read after one sync at the end, so no
@@ -340,68 +238,6 @@ def time_ops(cfg: BuildConfig, job: ProfileJob, progress: Progress) -> OpSamples
         head.graph, lambda rec: head(x.detach().requires_grad_(), ids, rec), job, sync)
     progress("embedding and head", 2, 2)
     return OpSamples(layer, embed_t, head_t, _optimizer_ms_per_param(stage, job, sync))
-
-
-# -- from measurements to a CostTable (pure) ------------------------------------------------
-
-def _spread(times: Mapping[str, float], weights: Mapping[str, float]) -> dict[str, float]:
-    """Per-op times from per-piece times, a piece split in proportion to `weights`."""
-    out: dict[str, float] = {}
-    for key, ms in times.items():
-        ops = key.split(GROUP_SEP)
-        total = sum(weights[o] for o in ops)
-        for o in ops:
-            out[o] = ms * (weights[o] / total if total > 0 else 1.0 / len(ops))
-    return out
-
-
-def op_times(measured: KindTimes, analytic: LayerCost) -> dict[str, OpTime]:
-    """Per-op OpTime from a KindTimes. A forward piece of several ops is split by the analytic
-    forward times; a backward piece by each op's measured forward times the analytic
-    backward/forward ratio (this device's balance of GEMMs and memory-bound ops, which an
-    analytic split would take from the cluster preset instead)."""
-    fwd = _spread(measured.fwd_ms, {k: t.fwd_ms for k, t in analytic.op_ms.items()})
-    bwd = _spread(measured.bwd_ms, {k: fwd.get(k, 0.0) * (t.dgrad_ms + t.wgrad_ms) / t.fwd_ms
-                                    if t.fwd_ms > 0 else 0.0 for k, t in analytic.op_ms.items()})
-    scale = measured.bwd_total_ms / sum(bwd.values()) if sum(bwd.values()) > 0 else 1.0
-    out = {}
-    for name, ana in analytic.op_ms.items():
-        b = max(MIN_OP_MS, bwd.get(name, 0.0) * scale)
-        share = ana.dgrad_ms / (ana.dgrad_ms + ana.wgrad_ms) if ana.wgrad_ms > 0 else 1.0
-        wgrad = b * (1.0 - share) if ana.wgrad_ms > 0 else 0.0
-        out[name] = OpTime(max(MIN_OP_MS, fwd.get(name, 0.0)), max(MIN_OP_MS, b - wgrad), wgrad)
-    return out
-
-
-def comm_fits(comm: CommSamples | None) -> tuple[dict[str, AlphaBeta], AlphaBeta | None]:
-    """Alpha-beta fits per collective kind and for p2p."""
-    if comm is None:
-        return {}, None
-    fits = {k: fit_alpha_beta(list(s.sizes_bytes), list(s.times_ms))
-            for k, s in comm.collectives.items()}
-    p2p = fit_alpha_beta(list(comm.p2p.sizes_bytes), list(comm.p2p.times_ms)) if comm.p2p else None
-    return fits, p2p
-
-
-def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpec) -> CostTable:
-    """The measured CostTable: `base` (analytic, for `model` and `par`) with every measured number.
-
-    DP gradient all-reduce terms stay analytic (the profile launches one TP group, or one
-    pipeline pair, not a DP group). Static bytes per parameter follow the dtype: fp32 training
-    keeps weights, grads and Adam's two moments (16 B/param, moments sharded over DP with the
-    distributed optimizer); 16-bit keeps the analytic mixed-precision figure.
-    """
-    kinds = {"layer": (m.ops.layer, base.layer), "embed": (m.ops.embed, base.embed),
-             "head": (m.ops.head, base.head)}
-    ops = {k: op_times(measured, analytic) for k, (measured, analytic) in kinds.items()}
-    fits, p2p = comm_fits(m.comm)
-    contention = m.comm.contention if m.comm is not None else None
-    table = measured_table(base, ops, fits, p2p, contention)
-    bytes_per_param = base.bytes_per_param
-    if model.dtype_bytes == 4:
-        bytes_per_param = 8.0 + 8.0 / (par.dp if par.distributed_optimizer else 1)
-    return replace(table, optimizer_ms_per_param=m.ops.optimizer_ms_per_param,
-                   bytes_per_param=bytes_per_param)
 
 
 def run_local(cfg: BuildConfig, job: ProfileJob, progress: Progress) -> Measurement:

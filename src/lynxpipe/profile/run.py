@@ -20,7 +20,7 @@ from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
 if TYPE_CHECKING:
-    from lynxpipe.profile.measure import Measurement, ProfileJob
+    from lynxpipe.profile.samples import Measurement, ProfileJob
 
 Progress = Callable[[str, int, int], None]
 """(what, done, total) callback for progress displays."""
@@ -60,7 +60,7 @@ def make_job(base: CostTable, model: ModelSpec, par: ParallelSpec, dtype: str, d
     p2p sizes around the stage-boundary message, both reaching at least `MIN_FIT_SPAN_BYTES`
     (else a small model's sizes all sit in the latency regime and leave the bandwidth
     unresolved); the layer's largest collective is where the contention probe starts."""
-    from lynxpipe.profile.measure import ProfileJob
+    from lynxpipe.profile.samples import ProfileJob
 
     graphs = (base.layer.graph, base.embed.graph, base.head.graph)
     colls = [c.size_bytes for g in graphs for c in g.collectives]
@@ -146,7 +146,7 @@ def measure(job: ProfileJob, emulate: tuple[float, float] | None, timeout_s: flo
     (what, done, total) through `progress`."""
     import torch
 
-    from lynxpipe.profile.comm import launch
+    from lynxpipe.profile.launch import launch
     from lynxpipe.profile.measure import run_local
     from lynxpipe.runtime.model.layer import BuildConfig
     from lynxpipe.runtime.model.tp import TPContext
@@ -165,7 +165,7 @@ def run_profile(model: ModelSpec, par: ParallelSpec, base: CostTable, device: st
     the measurement with the measured CostTable (`base`: the analytic one, whose fingerprint
     the profile keeps); refuses, before launching anything, layouts the runtime cannot build
     and sizes that would not fit in memory."""
-    from lynxpipe.profile.measure import assemble
+    from lynxpipe.profile.assemble import assemble
 
     if repeats < MIN_REPEATS:
         raise LynxError(f"--repeats {repeats} must be >= {MIN_REPEATS}")

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from lynxpipe.plan.types import Plan
 from lynxpipe.report.tables import best_fitting, plans_table, setup_line

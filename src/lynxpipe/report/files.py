@@ -8,8 +8,12 @@ from typing import Any, Sequence
 from lynxpipe.artifact import write_json_atomic
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan
-from lynxpipe.report.tables import (plan_json_summary, plans_markdown,
-                                    setup_line, spec_header)
+from lynxpipe.report.tables import (
+    plan_json_summary,
+    plans_markdown,
+    setup_line,
+    spec_header,
+)
 from lynxpipe.report.trace import write_trace
 from lynxpipe.sim.result import SimResult
 
@@ -38,7 +42,9 @@ def result_payload(plan: Plan) -> dict[str, Any]:
 
 def write_simulation(out_dir: str | Path, plan: Plan, sim: SimResult) -> list[Path]:
     """trace.json, timeline.png and result.json of one simulated plan (sim made with trace)."""
-    from lynxpipe.report.plot import plot_timeline  # matplotlib only when files are wanted
+    from lynxpipe.report.plot import (
+        plot_timeline,  # matplotlib only when files are wanted
+    )
 
     out = Path(out_dir)
     title = f"{plan.policy}: " + setup_line(plan.model, plan.cluster, plan.parallel,

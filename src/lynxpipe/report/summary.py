@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.plan.types import Plan
 from lynxpipe.report.tables import gib, per_stage_gib, setup_line
+from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import ON_DEMAND, display_order
 
 # Order in which window kinds are listed: earliest in the step first, exposed last.

@@ -124,7 +124,8 @@ def format_order(order: PipelineOrder, recompute: bool = True) -> str:
     widths = [max([len(f"rank {r}"), *map(len, col)]) for r, col in enumerate(columns)]
     depth = max((len(col) for col in columns), default=0)
     head = f"{order.schedule} pp={order.pp} v={order.virtual_stages} m={order.num_microbatches}"
-    lines = [head, "step  " + "  ".join(f"rank {r}".ljust(w) for r, w in enumerate(widths))]
+    ranks = "  ".join(f"rank {r}".ljust(w) for r, w in enumerate(widths))
+    lines = [head, f"step  {ranks}".rstrip()]
     for i in range(depth):
         cells = [(col[i] if i < len(col) else "").ljust(w) for col, w in zip(columns, widths)]
         lines.append(f"{i:<4d}  " + "  ".join(cells).rstrip())

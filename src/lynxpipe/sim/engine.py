@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from lynxpipe.cost.memory import rank_params, static_bytes
 from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
-from lynxpipe.cost.memory import rank_params, static_bytes
-from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
+from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV, is_planned
 from lynxpipe.sim.program import Program, Task, compile_program
 from lynxpipe.sim.result import RankStats, SimResult, TraceEvent, WindowUse

@@ -2,7 +2,7 @@
 
 A family is a set of structural choices (norm, MLP, positions, biases, head tying). The cost
 model builds a layer graph from them (`cost.layers`), the runtime builds its reference layer from
-the same flags (`runtime.model`), and Hugging Face configs are mapped onto a family by
+the same flags (`runtime.model.layer`), and Hugging Face configs are mapped onto a family by
 `model_type`. A new family is a new row here, plus a builder for any new kind of norm or MLP.
 """
 

@@ -68,7 +68,9 @@ def _running(pid: int) -> bool:
 
 def main(argv: Sequence[str]) -> None:
     """Entry point of the janitor process: argv ends with cluster id and owner pid."""
-    from lynxpipe.testbed import netns  # here, not at the top: netns imports this module
+    from lynxpipe.testbed import (
+        netns,  # here, not at the top: netns imports this module
+    )
 
     cluster_id, owner = int(argv[-2]), int(argv[-1])
     wait_for_exit(owner)

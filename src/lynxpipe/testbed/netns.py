@@ -48,8 +48,16 @@ from pathlib import Path
 
 from lynxpipe.errors import LynxError
 from lynxpipe.testbed import janitor
-from lynxpipe.testbed.spec import (ClusterStatus, EmulatedCluster, bridge_namespace, bridge_port,
-                                   rank_address, rank_interface, rank_namespace, tc_commands)
+from lynxpipe.testbed.spec import (
+    ClusterStatus,
+    EmulatedCluster,
+    bridge_namespace,
+    bridge_port,
+    rank_address,
+    rank_interface,
+    rank_namespace,
+    tc_commands,
+)
 
 STATE_DIR = Path("/run/lynxpipe")
 NETNS_DIR = Path("/run/netns")

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.engine.records import RecordBase, Region, Saved
 from lynxpipe.runtime.engine.recompute import RecomputeEngine
+from lynxpipe.runtime.engine.records import RecordBase, Region, Saved
 
 SegmentFn = Callable[..., Any]
 Segments = Callable[[nn.Module], Sequence[SegmentFn]]

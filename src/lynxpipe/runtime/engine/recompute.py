@@ -84,7 +84,7 @@ class RecomputeEngine:
                 self._planned[task] = window
         self.sync_cuda = sync_cuda
         self.meter = MemoryMeter()
-        """Activation bytes held for backward (see `runtime.meter`)."""
+        """Activation bytes held for backward (see `runtime.engine.meter`)."""
         self._params: set[int] = set()
         self._records: dict[tuple[int, int], RecordBase] = {}
         self._ctx: _Context | None = None
@@ -150,7 +150,7 @@ class RecomputeEngine:
         return ctx.mb
 
     def open(self, rec: RecordBase) -> None:
-        """Route saved tensors to `rec` until it is closed (used by `runtime.api`)."""
+        """Route saved tensors to `rec` until it is closed (used by `runtime.engine.blocks`)."""
         self._records[rec.key] = rec
         self._active = rec
 

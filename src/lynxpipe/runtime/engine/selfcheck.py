@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lynxpipe.runtime.model.env import PlainRuntime
 from lynxpipe.runtime.engine.meter import EngineStats
-from lynxpipe.runtime.model.layer import BuildConfig, TransformerLayer
 from lynxpipe.runtime.engine.recompute import RecomputeEngine, Task
+from lynxpipe.runtime.model.env import PlainRuntime
+from lynxpipe.runtime.model.layer import BuildConfig, TransformerLayer
 from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.schedule.actions import Window
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV
@@ -300,7 +300,7 @@ _COLUMN = ("qkv.weight", "qkv.bias", "fc1.weight", "fc1.bias", "embed.weight", "
 def _tp_slice(name: str, full: Tensor, cfg: BuildConfig) -> Tensor:
     """This rank's part of a tp=1 gradient (replicated params: all of it)."""
     tp = cfg.tp
-    if name.endswith("fc1.weight") and cfg.model.family == "llama":
+    if name.endswith("fc1.weight") and cfg.model.family_info.mlp == "swiglu":
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp.size)[tp.rank], up.chunk(tp.size)[tp.rank]])
     if name.endswith(_ROW):

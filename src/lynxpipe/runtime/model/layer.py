@@ -23,13 +23,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lynxpipe.cost.graph import LayerGraph
-from lynxpipe.cost.layers import layer_graph
+from lynxpipe.cost.layers import MLP_BUILDERS, layer_graph
 from lynxpipe.errors import LynxError
 from lynxpipe.runtime.model.env import PLAIN, Env, ModelRng, OpRuntime, _mix
-from lynxpipe.runtime.model.ops import (apply_dropout, apply_rope, attention_scale, layer_norm,
-                                  rms_norm, rope_tables, scaled_causal_softmax, swiglu)
-from lynxpipe.runtime.model.tp import (CollSteps, ColumnParallelLinear, RowParallelLinear, TPContext,
-                                 mark_sequence_parallel)
+from lynxpipe.runtime.model.ops import (
+    apply_dropout,
+    apply_rope,
+    attention_scale,
+    layer_norm,
+    rms_norm,
+    rope_tables,
+    scaled_causal_softmax,
+    swiglu,
+)
+from lynxpipe.runtime.model.tp import (
+    CollSteps,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPContext,
+    mark_sequence_parallel,
+)
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
@@ -102,7 +115,7 @@ class Norm(nn.Module):
         h = cfg.model.hidden_size
         self.weight = nn.Parameter((1.0 + _normal(gen, h, std=0.1)).to(**cfg.factory()))
         self.bias = (nn.Parameter(_normal(gen, h, std=0.1).to(**cfg.factory()))
-                     if cfg.model.family == "gpt" else None)
+                     if cfg.model.family_info.norm == "layernorm" else None)
         mark_sequence_parallel(*self.parameters())
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -119,7 +132,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: BuildConfig, index: int, rng: ModelRng) -> None:
         super().__init__()
         m, tp = cfg.model, cfg.tp
-        self.index, self.rng, self.tp, self.family = index, rng, tp, m.family
+        self.index, self.rng, self.tp, self.family = index, rng, tp, m.family_info
         self.graph: LayerGraph = layer_graph(cfg.spec, cfg.par)
         """The planner's graph of this layer (names, segments, step programs)."""
         self.p = m.dropout
@@ -129,7 +142,7 @@ class TransformerLayer(nn.Module):
         s = cfg.par.seq_len
         self.register_buffer("causal", torch.ones(s, s, dtype=torch.bool, device=cfg.device)
                              .triu(1), persistent=False)
-        if m.family == "llama":
+        if self.family.rope:
             cos, sin = rope_tables(s, self.hd)
             self.register_buffer("cos", cos.to(**cfg.factory()), persistent=False)
             self.register_buffer("sin", sin.to(**cfg.factory()), persistent=False)
@@ -144,27 +157,26 @@ class TransformerLayer(nn.Module):
 
     def _build_params(self, cfg: BuildConfig, gen: torch.Generator) -> None:
         m, tp, kw = cfg.model, cfg.tp, cfg.factory()
-        h, f, gpt = m.hidden_size, m.ffn_hidden_size, m.family == "gpt"
-        g = self.graph
+        h, f, bias = m.hidden_size, m.ffn_hidden_size, self.family.linear_bias
+        mlp, g = MLP_BUILDERS[self.family.mlp], self.graph
         self.norm1, self.norm2 = Norm(cfg, gen), Norm(cfg, gen)
         qkv_rows = m.num_kv_heads * (self.qpg + 2) * self.hd
         self.qkv = ColumnParallelLinear(_normal(gen, qkv_rows, h),
-                                        _normal(gen, qkv_rows) if gpt else None, tp,
+                                        _normal(gen, qkv_rows) if bias else None, tp,
                                         steps_of(g, "qkv", "ag_qkv"), **kw)
         self.proj = RowParallelLinear(_normal(gen, h, h), tp, steps_of(g, "proj", "ar_proj"), **kw)
-        up = "fc1" if gpt else "gate_up"
-        if gpt:
+        if self.family.mlp == "gelu":
             w_up = _normal(gen, f, h)
         else:  # [gate; up] per rank: reorder [2, f, h] so a row split gives each rank both halves
             w_up = _normal(gen, 2, f, h).view(2, tp.size, f // tp.size, h).transpose(0, 1)
             w_up = w_up.reshape(2 * f, h)
-        self.fc1 = ColumnParallelLinear(w_up, _normal(gen, f) if gpt else None, tp,
-                                        steps_of(g, up, "ag_fc1"), **kw)
+        self.fc1 = ColumnParallelLinear(w_up, _normal(gen, f) if bias else None, tp,
+                                        steps_of(g, mlp.first, "ag_fc1"), **kw)
         self.fc2 = RowParallelLinear(_normal(gen, h, f), tp,
-                                     steps_of(g, "fc2" if gpt else "down", "ar_fc2"), **kw)
-        self.proj_bias = nn.Parameter(_normal(gen, h).to(**kw)) if gpt else None
-        self.fc2_bias = nn.Parameter(_normal(gen, h).to(**kw)) if gpt else None
-        if gpt:
+                                     steps_of(g, mlp.last, "ar_fc2"), **kw)
+        self.proj_bias = nn.Parameter(_normal(gen, h).to(**kw)) if bias else None
+        self.fc2_bias = nn.Parameter(_normal(gen, h).to(**kw)) if bias else None
+        if bias:
             mark_sequence_parallel(self.proj_bias, self.fc2_bias)
 
     # Ops are methods named _op_<graph op>; looked up per call (a table of bound methods
@@ -214,7 +226,7 @@ class TransformerLayer(nn.Module):
 
     def _op_qkv(self, env: Env, rt: OpRuntime) -> None:
         out = self.qkv(env["ln1_out"], rt.window)
-        if self.family == "llama":
+        if self.family.rope:
             s, b = out.shape[:2]
             grouped = out.view(s, b, self.kvh, self.qpg + 2, self.hd)
             out = apply_rope(grouped, self.cos[:s], self.sin[:s], self.qpg + 1).view(s, b, -1)

@@ -13,12 +13,26 @@ from torch import Tensor, nn
 from lynxpipe.cost.graph import LayerGraph
 from lynxpipe.cost.layers import embed_graph, head_graph
 from lynxpipe.runtime.model.env import PLAIN, Env, ModelRng, OpRuntime
-from lynxpipe.runtime.model.layer import (EMBED_LAYER, BuildConfig, Norm, TransformerLayer, _normal,
-                                    steps_of)
+from lynxpipe.runtime.model.layer import (
+    EMBED_LAYER,
+    BuildConfig,
+    Norm,
+    TransformerLayer,
+    _normal,
+    steps_of,
+)
 from lynxpipe.runtime.model.ops import apply_dropout
-from lynxpipe.runtime.model.tp import (CollSteps, ColumnParallelLinear, mark_sequence_parallel,
-                                 reduce_sequence_parallel_grads, shard)
-from lynxpipe.runtime.model.vocab import vocab_parallel_cross_entropy, vocab_parallel_embedding
+from lynxpipe.runtime.model.tp import (
+    CollSteps,
+    ColumnParallelLinear,
+    mark_sequence_parallel,
+    reduce_sequence_parallel_grads,
+    shard,
+)
+from lynxpipe.runtime.model.vocab import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_embedding,
+)
 
 if TYPE_CHECKING:
     from lynxpipe.runtime.engine.recompute import RecomputeEngine
@@ -40,7 +54,7 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(shard(_normal(gen, m.vocab_size, m.hidden_size), 0, cfg.tp)
                                    .to(**cfg.factory()))
         self.pos = None
-        if m.family == "gpt":
+        if m.family_info.learned_positions:
             pos = _normal(gen, cfg.par.seq_len, m.hidden_size)
             self.pos = nn.Parameter(pos.to(**cfg.factory()))
             mark_sequence_parallel(self.pos)

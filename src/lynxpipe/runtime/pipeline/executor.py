@@ -24,13 +24,17 @@ from torch import Tensor
 
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan
-from lynxpipe.runtime.pipeline.groups import ProcessGroups
-from lynxpipe.runtime.pipeline.health import short_error
 from lynxpipe.runtime.engine.meter import EngineStats
-from lynxpipe.runtime.train.optim import Optimizer
-from lynxpipe.runtime.pipeline.from_plan import boundary_shape, p2p_order_problems, p2p_tag
 from lynxpipe.runtime.engine.recompute import RecomputeEngine
 from lynxpipe.runtime.model.stage import Stage
+from lynxpipe.runtime.pipeline.from_plan import (
+    boundary_shape,
+    p2p_order_problems,
+    p2p_tag,
+)
+from lynxpipe.runtime.pipeline.groups import ProcessGroups
+from lynxpipe.runtime.pipeline.health import short_error
+from lynxpipe.runtime.train.optim import Optimizer
 from lynxpipe.schedule.actions import Action, Window
 from lynxpipe.schedule.windows import RECV, window_kind
 

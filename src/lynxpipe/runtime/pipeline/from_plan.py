@@ -1,6 +1,6 @@
 """From a Plan to what one rank runs: its model chunks, its recompute engine, p2p tags/shapes.
 
-Pure glue between `plan` (no torch) and `runtime`: the executor (`runtime.executor`) calls
+Pure glue between `plan` (no torch) and `runtime`: the executor (`runtime.pipeline.executor`) calls
 these once per job.
 """
 
@@ -11,14 +11,14 @@ from collections import defaultdict
 import torch
 
 from lynxpipe.errors import LynxError
-from lynxpipe.schedule.policy import stage_layers
 from lynxpipe.plan.types import Plan
-from lynxpipe.runtime.pipeline.groups import ProcessGroups
-from lynxpipe.runtime.model.layer import BuildConfig
 from lynxpipe.runtime.engine.recompute import RecomputeEngine
+from lynxpipe.runtime.model.layer import BuildConfig
 from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.runtime.model.tp import TPContext
+from lynxpipe.runtime.pipeline.groups import ProcessGroups
 from lynxpipe.schedule.actions import PipelineOrder, Window
+from lynxpipe.schedule.policy import stage_layers
 from lynxpipe.schedule.windows import ON_DEMAND, is_planned
 
 

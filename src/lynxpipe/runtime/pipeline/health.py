@@ -1,6 +1,6 @@
 """What a rank tells its launcher: heartbeats, the error it died of, and test-only faults.
 
-The launcher (`runtime.launch`) gives each rank a run directory (`LYNXPIPE_RUN_DIR`). A rank
+The launcher (`runtime.pipeline.launch`) gives each rank a run directory (`LYNXPIPE_RUN_DIR`). A rank
 writes `hb-<rank>` (step and action index, rewritten in place before every action: one pwrite)
 and, when it fails, `status-<rank>.json` naming the error and, when a p2p wait failed, the peer
 it was waiting for. A rank that crashes hard (os._exit, a signal) writes nothing: its exit code

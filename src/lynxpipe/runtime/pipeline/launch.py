@@ -1,13 +1,13 @@
 """Start the ranks of a training job and watch them (SPEC §7 "Launch").
 
-- Built-in: a fork server (`runtime.zygote`) imports torch once and forks tp*pp*dp ranks, all
+- Built-in: a fork server (`runtime.pipeline.zygote`) imports torch once and forks tp*pp*dp ranks, all
   in one new process group, each dying with its parent (PR_SET_PDEATHSIG); rendezvous on
   127.0.0.1.
 - `--emulate`: the same processes, each in its own network namespace of an emulated cluster
   (`lynxpipe.testbed`), so gloo traffic crosses tbf-shaped links.
 - torchrun: detected from RANK / WORLD_SIZE / LOCAL_RANK; `lynxpipe train` then *is* a rank.
 
-The launcher polls exit codes and heartbeats (`runtime.health`). When a rank fails, the others
+The launcher polls exit codes and heartbeats (`runtime.pipeline.health`). When a rank fails, the others
 get a second to report, then everything left is killed and the error names the culprit: a rank
 that died on its own (exit code, signal, or its own exception), else the peer the others timed
 out waiting for, else the ranks still running. When no rank makes progress for --timeout
@@ -34,9 +34,14 @@ from pathlib import Path
 from typing import Protocol
 
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.pipeline.health import FAULT_ENV, RUN_DIR_ENV, classify, short_error
-from lynxpipe.runtime.train.job import TrainJob, save_job
+from lynxpipe.runtime.pipeline.health import (
+    FAULT_ENV,
+    RUN_DIR_ENV,
+    classify,
+    short_error,
+)
 from lynxpipe.runtime.pipeline.zygote import ForkedRank, zygote_main
+from lynxpipe.runtime.train.job import TrainJob, save_job
 
 
 class RankProcess(Protocol):

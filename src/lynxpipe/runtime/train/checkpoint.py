@@ -21,8 +21,8 @@ import torch
 
 from lynxpipe.artifact import write_json_atomic
 from lynxpipe.errors import LynxError
-from lynxpipe.runtime.train.optim import AdamW
 from lynxpipe.runtime.model.stage import Stage
+from lynxpipe.runtime.train.optim import AdamW
 
 KEEP = 2
 """Checkpoints kept (the newest ones)."""

@@ -13,7 +13,7 @@ from lynxpipe.plan.types import Plan, PlanRequest, plan_fingerprint
 JOB_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainJob:
     """Everything a rank needs to train (job.json, written by the launcher)."""
 

@@ -22,8 +22,8 @@ from rich.table import Table
 
 from lynxpipe.plan.types import Plan
 from lynxpipe.runtime.pipeline.executor import StepResult
-from lynxpipe.runtime.pipeline.groups import ProcessGroups
 from lynxpipe.runtime.pipeline.from_plan import planned_where
+from lynxpipe.runtime.pipeline.groups import ProcessGroups
 from lynxpipe.runtime.train.result import ActionTime, RankRun, RunResult
 from lynxpipe.schedule.windows import WINDOW_KINDS, window_kind
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 METER_NOTE = ("activation peak = bytes of unique storages autograd saves (incl. norm statistics "
               "and token indices) + recomputed buffers + engine-held inputs + pipeline receive "
-              "buffers (runtime.meter)")
+              "buffers (runtime.engine.meter)")
 
 
 @dataclass(frozen=True)

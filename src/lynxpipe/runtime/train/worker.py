@@ -1,5 +1,5 @@
 """One training rank: build the plan's chunks, engine and optimizer, run steps, checkpoint,
-report (SPEC §7). Started by `runtime.launch` (built-in launcher, emulated cluster) or, under
+report (SPEC §7). Started by `runtime.pipeline.launch` (built-in launcher, emulated cluster) or, under
 torchrun, in the `lynxpipe train` process itself.
 """
 
@@ -18,14 +18,14 @@ import torch.distributed as dist
 
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan
-from lynxpipe.runtime.train import checkpoint as ckpt
-from lynxpipe.runtime.train.data import DataSpec, batches
 from lynxpipe.runtime.pipeline.executor import ActionHook, PipelineExecutor, StepResult
+from lynxpipe.runtime.pipeline.from_plan import build_chunks, engine_for
 from lynxpipe.runtime.pipeline.groups import ProcessGroups, RankLayout, make_groups
 from lynxpipe.runtime.pipeline.health import Health
+from lynxpipe.runtime.train import checkpoint as ckpt
+from lynxpipe.runtime.train.data import DataSpec, batches
 from lynxpipe.runtime.train.job import TrainJob, collective_timeout_s
 from lynxpipe.runtime.train.optim import AdamW
-from lynxpipe.runtime.pipeline.from_plan import build_chunks, engine_for
 from lynxpipe.runtime.train.result import save_run
 from lynxpipe.runtime.train.summary import (
     StepTotals,

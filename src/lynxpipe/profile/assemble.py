@@ -1,0 +1,80 @@
+"""From measurements to a CostTable (pure): per-op times from timed pieces, alpha-beta fits of
+the message series, and the measured table assembled over the analytic one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from lynxpipe.cost.fit import AlphaBeta, fit_alpha_beta, measured_table
+from lynxpipe.cost.table import CostTable, LayerCost, OpTime
+from lynxpipe.profile.samples import (
+    GROUP_SEP,
+    MIN_OP_MS,
+    CommSamples,
+    KindTimes,
+    Measurement,
+)
+from lynxpipe.specs.model import ModelSpec
+from lynxpipe.specs.parallel import ParallelSpec
+
+
+def _spread(times: Mapping[str, float], weights: Mapping[str, float]) -> dict[str, float]:
+    """Per-op times from per-piece times, a piece split in proportion to `weights`."""
+    out: dict[str, float] = {}
+    for key, ms in times.items():
+        ops = key.split(GROUP_SEP)
+        total = sum(weights[o] for o in ops)
+        for o in ops:
+            out[o] = ms * (weights[o] / total if total > 0 else 1.0 / len(ops))
+    return out
+
+
+def op_times(measured: KindTimes, analytic: LayerCost) -> dict[str, OpTime]:
+    """Per-op OpTime from a KindTimes. A forward piece of several ops is split by the analytic
+    forward times; a backward piece by each op's measured forward times the analytic
+    backward/forward ratio (this device's balance of GEMMs and memory-bound ops, which an
+    analytic split would take from the cluster preset instead)."""
+    fwd = _spread(measured.fwd_ms, {k: t.fwd_ms for k, t in analytic.op_ms.items()})
+    bwd = _spread(measured.bwd_ms, {k: fwd.get(k, 0.0) * (t.dgrad_ms + t.wgrad_ms) / t.fwd_ms
+                                    if t.fwd_ms > 0 else 0.0 for k, t in analytic.op_ms.items()})
+    scale = measured.bwd_total_ms / sum(bwd.values()) if sum(bwd.values()) > 0 else 1.0
+    out = {}
+    for name, ana in analytic.op_ms.items():
+        b = max(MIN_OP_MS, bwd.get(name, 0.0) * scale)
+        share = ana.dgrad_ms / (ana.dgrad_ms + ana.wgrad_ms) if ana.wgrad_ms > 0 else 1.0
+        wgrad = b * (1.0 - share) if ana.wgrad_ms > 0 else 0.0
+        out[name] = OpTime(max(MIN_OP_MS, fwd.get(name, 0.0)), max(MIN_OP_MS, b - wgrad), wgrad)
+    return out
+
+
+def comm_fits(comm: CommSamples | None) -> tuple[dict[str, AlphaBeta], AlphaBeta | None]:
+    """Alpha-beta fits per collective kind and for p2p."""
+    if comm is None:
+        return {}, None
+    fits = {k: fit_alpha_beta(list(s.sizes_bytes), list(s.times_ms))
+            for k, s in comm.collectives.items()}
+    p2p = fit_alpha_beta(list(comm.p2p.sizes_bytes), list(comm.p2p.times_ms)) if comm.p2p else None
+    return fits, p2p
+
+
+def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpec) -> CostTable:
+    """The measured CostTable: `base` (analytic, for `model` and `par`) with every measured number.
+
+    DP gradient all-reduce terms stay analytic (the profile launches one TP group, or one
+    pipeline pair, not a DP group). Static bytes per parameter follow the dtype: fp32 training
+    keeps weights, grads and Adam's two moments (16 B/param, moments sharded over DP with the
+    distributed optimizer); 16-bit keeps the analytic mixed-precision figure.
+    """
+    kinds = {"layer": (m.ops.layer, base.layer), "embed": (m.ops.embed, base.embed),
+             "head": (m.ops.head, base.head)}
+    ops = {k: op_times(measured, analytic) for k, (measured, analytic) in kinds.items()}
+    fits, p2p = comm_fits(m.comm)
+    contention = m.comm.contention if m.comm is not None else None
+    table = measured_table(base, ops, fits, p2p, contention)
+    bytes_per_param = base.bytes_per_param
+    if model.dtype_bytes == 4:
+        bytes_per_param = 8.0 + 8.0 / (par.dp if par.distributed_optimizer else 1)
+    return replace(table, optimizer_ms_per_param=m.ops.optimizer_ms_per_param,
+                   bytes_per_param=bytes_per_param)
+
