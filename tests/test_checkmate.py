@@ -19,18 +19,22 @@ from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 from lynxpipe.specs.model import with_layers
 
 TOL = 1e-6
-LAYOUTS = {  # name: layers, pp, m, dropout, sequence parallel, schedule
-    "1layer-pp1": (1, 1, 2, 0.1, False, "1f1b"),
-    "2layers-pp1-sp": (2, 1, 2, 0.0, True, "1f1b"),
-    "2layers-pp2-sp": (2, 2, 3, 0.0, True, "1f1b"),
-    "2layers-pp2-sp-dropout": (2, 2, 2, 0.1, True, "1f1b"),
-    "2layers-pp2-gpipe": (2, 2, 3, 0.1, False, "gpipe"),
+LAYOUTS = {  # name: layers, pp, m, dropout, sequence parallel, schedule, attention
+    "1layer-pp1": (1, 1, 2, 0.1, False, "1f1b", "explicit"),
+    "2layers-pp1-sp": (2, 1, 2, 0.0, True, "1f1b", "explicit"),
+    "2layers-pp2-sp": (2, 2, 3, 0.0, True, "1f1b", "explicit"),
+    "2layers-pp2-sp-dropout": (2, 2, 2, 0.1, True, "1f1b", "explicit"),
+    "2layers-pp2-gpipe": (2, 2, 3, 0.1, False, "gpipe", "explicit"),
+    "2layers-pp2-fused": (2, 2, 3, 0.1, False, "1f1b", "fused"),
+    "2layers-pp1-sp-fused": (2, 1, 2, 0.1, True, "1f1b", "fused"),
 }
 
 
 def _request(name: str) -> PlanRequest:
-    layers, pp, m, dropout, sp, schedule = LAYOUTS[name]
-    model = replace(with_layers(get_model("gpt-tiny"), layers), dropout=dropout)
+    layers, pp, m, dropout, sp, schedule, attention = LAYOUTS[name]
+    model = replace(with_layers(get_model("gpt-tiny"), layers), attention=attention,
+                    attention_dropout=dropout if attention == "explicit" else 0.0,
+                    hidden_dropout=dropout)
     par = ParallelSpec(tp=2, pp=pp, num_microbatches=m, seq_len=64, sequence_parallel=sp,
                        schedule=schedule)
     cluster = get_cluster("a100-pcie")

@@ -50,13 +50,15 @@ def test_compare_json_has_one_result_per_policy() -> None:
 
 
 def test_default_configuration_needs_recomputation() -> None:
-    """No spec flags: keeping everything must not fit, the Megatron baselines must."""
-    result = invoke("compare", "--json", "--policies", "none,full,selective")
+    """No spec flags: keeping everything must not fit; under fused attention Megatron selective
+    has nothing to drop, so it does not fit either; full and checkmate do."""
+    result = invoke("compare", "--json", "--policies", "none,full,selective,checkmate")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["model"]["name"] == DEFAULTS.model
+    assert payload["model"]["attention"] == "fused"
     fits = {r["policy"]: r["fits_budget"] for r in payload["results"]}
-    assert fits == {"none": False, "full": True, "selective": True}
+    assert fits == {"none": False, "full": True, "selective": False, "checkmate": True}
 
 
 def test_compare_table_and_out_dir(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 """Cost model: Korthikanti saved bytes, Narayanan FLOPs, collectives and programs."""
 
+from dataclasses import replace
+
 import pytest
 
 from lynxpipe.cost.flops import narayanan_flops, step_flops
@@ -31,7 +33,7 @@ def _korthikanti(model, t, s, b, sp):
 def test_saved_bytes_match_korthikanti(name, t, s, b, sp):
     if sp and t == 1:
         pytest.skip("SP needs tp > 1")
-    model = get_model(name)
+    model = replace(get_model(name), attention="explicit")
     graph = layer_graph(model, ParallelSpec(tp=t, seq_len=s, micro_batch_size=b,
                                             sequence_parallel=sp))
     linear, attention = _korthikanti(model, t, s, b, sp)
@@ -47,8 +49,44 @@ def test_saved_bytes_match_korthikanti(name, t, s, b, sp):
     assert x == 2 * s * b * model.hidden_size // (t if sp else 1)
 
 
+@pytest.mark.parametrize("name,t,s,b", CASES)
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
+def test_fused_saved_bytes_formula(name, t, s, b, sp, attention_dropout):
+    """Fused attention (SPEC §10): sbh(10 + 24/t + 4a/(ht)) without SP, (sbh/t)(34 + 4a/h) with
+    SP, + 16 bytes of RNG seed/offset with attention dropout: no s x s tensor at all."""
+    if sp and t == 1:
+        pytest.skip("SP needs tp > 1")
+    model = replace(get_model(name), attention="fused", attention_dropout=attention_dropout)
+    graph = layer_graph(model, ParallelSpec(tp=t, seq_len=s, micro_batch_size=b,
+                                            sequence_parallel=sp))
+    h, a = model.hidden_size, model.num_heads
+    sbh = s * b * h
+    want = sbh / t * (34 + 4 * a / h) if sp else sbh * (10 + 24 / t + 4 * a / (h * t))
+    want += 16 if attention_dropout else 0
+    stats = sum(x.size_bytes for x in graph.tensors if x.name.endswith("_stats"))
+    assert graph.saved_bytes() - stats == pytest.approx(want, rel=1e-12)
+    assert {"probs", "probs_dropped"}.isdisjoint(x.name for x in graph.tensors)
+    # Megatron selective has nothing left to drop; the fused kernel's own outputs regenerate
+    # together from q, k, v at the attention forward's cost
+    assert not SELECTIVE_TENSORS & {x.name for x in graph.droppable()}
+    costs = analytic_costs(model, get_cluster("a100-pcie"), ParallelSpec(tp=t, seq_len=s))
+    attn = costs.layer.op_ms["attn"]
+    assert costs.layer.recompute_ms(frozenset({"attn_lse"}), 0) == attn.fwd_ms
+    assert costs.layer.graph.op("attn").dgrad_flops == 2.5 * costs.layer.graph.op("attn").fwd_flops
+
+
+def test_fused_gqa_saves_the_regrouped_query():
+    model = get_model("llama-tiny")  # 4 heads, 2 kv heads
+    graph = layer_graph(model, ParallelSpec(seq_len=64))
+    q = graph.tensor("attn_q")
+    assert q.droppable and q.size_bytes == 2 * 64 * model.hidden_size
+    assert graph.tensor("attn_lse").size_bytes == 4 * 64 * model.num_heads
+
+
 def test_sp_makes_tensors_behind_gathers_undroppable():
-    graph = layer_graph(get_model("gpt-13b"), ParallelSpec(tp=4, sequence_parallel=True))
+    graph = layer_graph(replace(get_model("gpt-13b"), attention="explicit"),
+                        ParallelSpec(tp=4, sequence_parallel=True))
     assert not graph.tensor("qkv_out").droppable and not graph.tensor("fc1_out").droppable
     assert graph.tensor("probs").droppable
 
@@ -76,7 +114,8 @@ def test_tp1_has_free_collectives_and_backward_is_twice_forward():
 
 
 def test_recompute_cost_follows_dependencies():
-    costs = analytic_costs(get_model("gpt-13b"), get_cluster("a100-pcie"), ParallelSpec(tp=4))
+    model = replace(get_model("gpt-13b"), attention="explicit")
+    costs = analytic_costs(model, get_cluster("a100-pcie"), ParallelSpec(tp=4))
     layer = costs.layer
     sel = layer.recompute_ms(SELECTIVE_TENSORS, 0)
     assert sel == pytest.approx(layer.op_ms["scores"].fwd_ms + layer.op_ms["attn_dropout"].fwd_ms)

@@ -22,8 +22,11 @@ def requests(draw):
     heads = draw(st.sampled_from([2, 4, 8]))
     hidden = heads * draw(st.sampled_from([16, 32]))
     layers = draw(st.integers(2, 8))
+    attention = draw(st.sampled_from(["fused", "explicit"]))
     model = ModelSpec("rand", draw(st.sampled_from(["gpt", "llama"])), layers, hidden, heads,
-                      heads, 4 * hidden, 512, dropout=0.1)
+                      heads, 4 * hidden, 512, attention=attention,
+                      attention_dropout=0.1 if attention == "explicit" else 0.0,
+                      hidden_dropout=0.1)
     tp = draw(st.sampled_from([t for t in (1, 2, 4) if heads % t == 0]))
     pp = draw(st.integers(1, min(3, layers)))
     par = ParallelSpec(tp=tp, pp=pp, seq_len=draw(st.sampled_from([128, 256])),

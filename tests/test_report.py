@@ -31,7 +31,9 @@ SUMMARY_KEYS = {"policy", "step_time_ms", "tokens_per_s", "model_tflops_per_devi
 
 
 def _request(reserve: int = 0) -> PlanRequest:
-    model, cluster = get_model("gpt-tiny"), get_cluster("a100-pcie")
+    # explicit attention: `selective` then recomputes something (fused leaves it nothing)
+    model = replace(get_model("gpt-tiny"), attention="explicit", attention_dropout=0.1)
+    cluster = get_cluster("a100-pcie")
     par = ParallelSpec(tp=2, pp=2, num_microbatches=4, seq_len=128)
     return PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=cluster.device_memory_bytes,
                        costs=analytic_costs(model, cluster, par), reserve_bytes=reserve)

@@ -23,8 +23,11 @@ from lynxpipe.schedule.actions import Window  # noqa: E402
 from lynxpipe.specs.model import ModelSpec  # noqa: E402
 from lynxpipe.specs.parallel import ParallelSpec  # noqa: E402
 
-GPT = ModelSpec("tiny-gpt", "gpt", 3, 32, 4, 4, 64, 64, dropout=0.1)
-LLAMA = ModelSpec("tiny-llama", "llama", 3, 32, 4, 2, 64, 64, dropout=0.1)  # GQA: 2 q per kv
+GPT = ModelSpec("tiny-gpt", "gpt", 3, 32, 4, 4, 64, 64, attention="explicit",
+                attention_dropout=0.1, hidden_dropout=0.1)
+LLAMA = ModelSpec("tiny-llama", "llama", 3, 32, 4, 2, 64, 64, attention="explicit",
+                  attention_dropout=0.1, hidden_dropout=0.1)  # GQA: 2 q per kv
+FUSED = dict(attention="fused", attention_dropout=0.0)  # hidden dropout stays on
 PAR = ParallelSpec(tp=1, seq_len=8, micro_batch_size=2)
 
 
@@ -40,9 +43,13 @@ def _batches(n: int = 2) -> list:
     return [(draw(), draw()) for _ in range(n)]
 
 
-@pytest.mark.parametrize("model", [GPT, LLAMA, replace(GPT, dropout=0.0),
-                                   replace(LLAMA, dropout=0.0, num_kv_heads=4)],
-                         ids=["gpt", "llama-gqa", "gpt-nodropout", "llama-mha-nodropout"])
+@pytest.mark.parametrize("model", [GPT, LLAMA, replace(GPT, attention_dropout=0.0,
+                                                        hidden_dropout=0.0),
+                                   replace(LLAMA, attention_dropout=0.0, hidden_dropout=0.0,
+                                           num_kv_heads=4),
+                                   replace(GPT, **FUSED), replace(LLAMA, **FUSED)],
+                         ids=["gpt", "llama-gqa", "gpt-nodropout", "llama-mha-nodropout",
+                              "gpt-fused", "llama-gqa-fused"])
 def test_policies_bitwise_counters_and_memory(model):
     # none / all on demand / selective / pinned to fwd, bwd and RECV windows / full with replay:
     # bitwise-equal losses and grads; each region recomputed once where planned; saved bytes per

@@ -44,17 +44,20 @@ def _checks(rank: int) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 64, (2, 8), generator=gen),
                 torch.randint(0, 64, (2, 8), generator=gen)) for _ in range(2)]
-    for family, kv in (("gpt", 4), ("llama", 2)):
+    for family, kv, attention in (("gpt", 4, "explicit"), ("llama", 2, "explicit"),
+                                  ("gpt", 4, "fused"), ("llama", 2, "fused")):
         for sp in (False, True):
-            model = ModelSpec(f"tiny-{family}", family, 3, 32, 4, kv, 64, 64, dropout=0.1)
+            model = ModelSpec(f"tiny-{family}", family, 3, 32, 4, kv, 64, 64, attention=attention,
+                              attention_dropout=0.1 if attention == "explicit" else 0.0,
+                              hidden_dropout=0.1)
             par = ParallelSpec(tp=WORLD, sequence_parallel=sp, seq_len=8, micro_batch_size=2)
             cfg = BuildConfig(model, par, TPContext.from_group(dist.group.WORLD, sp))
             stage = Stage(cfg, range(3), embed=True, head=True)
             found = self_check(stage, batches) + check_step_order(stage, batches[0])
-            exact = replace(cfg, model=replace(model, dropout=0.0))
+            exact = replace(cfg, model=replace(model, attention_dropout=0.0, hidden_dropout=0.0))
             found += check_tp_equivalence(Stage(exact, range(3), embed=True, head=True),
                                           batches[0])
-            problems += [f"[{family} sp={sp} rank {rank}] {p}" for p in found]
+            problems += [f"[{family} {attention} sp={sp} rank {rank}] {p}" for p in found]
     return problems
 
 

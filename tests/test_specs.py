@@ -48,7 +48,8 @@ def test_hf_gpt2_and_llama_configs(tmp_path):
                                  "num_key_value_heads": 2, "intermediate_size": 688,
                                  "vocab_size": 1000}))
     m = get_model(str(llama))
-    assert (m.family, m.num_kv_heads, m.dropout) == ("llama", 2, 0.0)
+    assert (m.family, m.num_kv_heads, m.attention_dropout) == ("llama", 2, 0.0)
+    assert m.attention == "fused"  # no attention implementation named: transformers' sdpa
 
 
 @pytest.mark.parametrize("text,expected", [("40GiB", 40 * 2**30), ("1.5e9", 1_500_000_000),

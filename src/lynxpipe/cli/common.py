@@ -28,14 +28,16 @@ from lynxpipe.units import parse_bytes
 class Defaults:
     """What `lynxpipe simulate` / `compare` run with no flags.
 
-    Chosen so that recomputation is necessary and the policies differ: GPT-22B (Korthikanti's
-    model) on 16 A100-PCIe-40GB, tp=4 pp=4, micro-batch 1 x 8, seq 2048, budget = the 40 GiB
-    device. Keeping everything peaks at 48.2 GiB on stage 0, so `none` does not fit; full
-    (25.8 GiB, +44% step time), full-block (39.4 GiB, +8%) and selective (33.4 GiB, +2%) do,
-    and TP all-reduces over PCIe leave long windows for lynx to hide recompute in (lynx-heu
-    matched `none`'s step time). Of the layouts tried (gpt-13b/22b, tp 4/8, pp 4, micro-batch
-    1/2, 8/16 micro-batches) it is the one meeting those conditions with the widest spread
-    between policies; 8 micro-batches keep `lynxpipe compare` around a second.
+    Chosen so that recomputation is necessary and the policies differ under fused attention
+    (what users run): GPT-22B (Korthikanti's model) on 16 A100-PCIe-40GB, tp=4 pp=4,
+    micro-batch 1 x 8, seq 2048, a 28 GiB budget per device (of the 40 GiB, as if the rest were
+    held by the framework's buffers and fragmentation). Keeping everything peaks at 33.2 GiB,
+    so `none` and `selective` (nothing to drop under fused attention) do not fit; full
+    (+44% step time), full-block (+15%) and checkmate (+2.4%) do, and the TP all-reduces over
+    PCIe leave windows in which lynx-heu hides all of its recompute (it matches `none`'s step
+    time). With the whole 40 GiB, fused attention needs no recompute at this layout; of the
+    layouts tried (gpt-13b/22b, tp 4/8, pp 2/4, micro-batch 1/2, seq 2048-4096) none makes the
+    device memory bind by more than 6%. 8 micro-batches keep `lynxpipe compare` around a second.
     """
 
     model: str = "gpt-22b"
@@ -47,6 +49,7 @@ class Defaults:
     num_microbatches: int = 8
     seq_len: int = 2048
     schedule: str = "1f1b"
+    budget: str = "28GiB"
     time_limit_s: float = 30.0
 
 
@@ -79,12 +82,23 @@ class SpecArgs:
     virtual_stages: int = _opt(1, "--virtual-stages", help="Chunks per rank (interleaved).")
     distributed_optimizer: bool = _opt(False, "--distributed-optimizer",
                                        help="Shard optimizer state over DP.")
+    attention: Optional[str] = _opt(None, "--attention",
+                                    help="fused (FlashAttention/SDPA: no s x s tensors, what "
+                                         "users run) or explicit (scores and softmax saved, the "
+                                         "paper's regime); default: the model's own (presets: "
+                                         "fused; HF configs: their attention implementation).")
+    attention_dropout: Optional[float] = _opt(None, "--attention-dropout",
+                                              help="Override the model's attention dropout.")
+    hidden_dropout: Optional[float] = _opt(None, "--hidden-dropout",
+                                           help="Override the model's hidden (residual, "
+                                                "embedding) dropout.")
     dtype_bytes: Optional[int] = _opt(None, "--dtype-bytes",
                                       help="Bytes per activation element (default: the model's, "
                                            "2 for the presets); `train` on CPU uses 4 (fp32).")
-    budget: Optional[str] = _opt(None, "--budget", panel="Memory",
-                                 help="Per-device budget (bytes or e.g. 40GiB); default: the "
-                                      "cluster's device memory.")
+    budget: Optional[str] = _opt(DEFAULTS.budget, "--budget", panel="Memory",
+                                 help="Per-device memory budget (bytes or e.g. 40GiB); default: "
+                                      "the built-in example's 28GiB; `device` for the cluster's "
+                                      "device memory.")
     reserve: str = _opt("0", "--reserve", panel="Memory",
                         help="Memory held back per device (workspace, fragmentation).")
     profile: Optional[Path] = _opt(None, "--profile", panel="Planning",
@@ -148,6 +162,10 @@ def _reserve_bytes(text: str) -> int:
 def build_request(spec: SpecArgs) -> PlanRequest:
     """Parse every flag into library spec types and let the workflow validate the rest."""
     model, cluster = get_model(spec.model), get_cluster(spec.cluster)
+    overrides = {k: getattr(spec, k) for k in ("attention", "attention_dropout", "hidden_dropout")
+                 if getattr(spec, k) is not None}
+    if overrides:
+        model = dataclasses.replace(model, **overrides)
     if spec.dtype_bytes is not None:
         if spec.dtype_bytes not in (1, 2, 4):
             raise LynxError(f"--dtype-bytes {spec.dtype_bytes} must be 1, 2 or 4")
@@ -157,7 +175,8 @@ def build_request(spec: SpecArgs) -> PlanRequest:
         micro_batch_size=spec.micro_batch_size, num_microbatches=spec.num_microbatches,
         seq_len=spec.seq_len, schedule=spec.schedule,  # type: ignore[arg-type]
         virtual_stages=spec.virtual_stages, distributed_optimizer=spec.distributed_optimizer)
-    budget = parse_bytes(spec.budget, "--budget") if spec.budget is not None else None
+    budget = (None if spec.budget is None or spec.budget == "device"
+              else parse_bytes(spec.budget, "--budget"))
     return workflow.build_request(
         model, cluster, par, budget_bytes=budget, reserve_bytes=_reserve_bytes(spec.reserve),
         profile=spec.profile, partition=spec.partition, time_limit_s=spec.time_limit,

@@ -9,8 +9,10 @@ from lynxpipe.specs.parallel import ParallelSpec
 
 
 def graph_flops(graph: LayerGraph) -> float:
-    """Forward + backward FLOPs of one micro-batch through a layer graph (one TP rank)."""
-    return sum(op.fwd_flops + op.dgrad_flops + op.wgrad_flops for op in graph.ops)
+    """Forward + backward model FLOPs of one micro-batch through a layer graph (one TP rank);
+    work a fused kernel recomputes inside its backward is not counted."""
+    return sum(op.fwd_flops + op.dgrad_flops + op.wgrad_flops - op.kernel_recompute_flops
+               for op in graph.ops)
 
 
 def step_flops(costs: CostTable, model: ModelSpec, par: ParallelSpec) -> float:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from lynxpipe.errors import LynxError
+
 CollKind = Literal["all_reduce", "all_gather", "reduce_scatter", "p2p"]
 
 
@@ -37,6 +39,9 @@ class Op:
     """Backward FLOPs for the weight gradient (GEMMs only)."""
     wgrad_bytes: float = 0.0
     """Backward memory traffic for the weight gradient."""
+    kernel_recompute_flops: float = 0.0
+    """Part of `dgrad_flops` that re-runs forward work inside the backward kernel (fused
+    attention recomputes its scores): time, but not model FLOPs."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +113,20 @@ class LayerGraph:
         return 1 + max((op.segment for op in self.ops), default=0)
 
     def op(self, name: str) -> Op:
-        """Look an op up by name."""
-        return next(o for o in self.ops if o.name == name)
+        """Look an op up by name (a LynxError naming the known ones if there is none)."""
+        found = next((o for o in self.ops if o.name == name), None)
+        if found is None:
+            raise LynxError(f"the {self.kind} has no op {name!r}; its ops are "
+                            f"{', '.join(o.name for o in self.ops)}")
+        return found
 
     def tensor(self, name: str) -> Tensor:
-        """Look a saved tensor up by name."""
-        return next(t for t in self.tensors if t.name == name)
+        """Look a saved tensor up by name (a LynxError naming the known ones if there is none)."""
+        found = next((t for t in self.tensors if t.name == name), None)
+        if found is None:
+            raise LynxError(f"the {self.kind} saves no tensor {name!r}; it saves "
+                            f"{', '.join(t.name for t in self.tensors)}")
+        return found
 
     def droppable(self) -> tuple[Tensor, ...]:
         """Tensors a policy may drop."""
@@ -125,6 +138,9 @@ class LayerGraph:
                    if kept is None or not t.droppable or t.name in kept)
 
     def recompute_ops(self, dropped: frozenset[str], segment: int) -> tuple[str, ...]:
-        """Ops to re-run (forward order) to regenerate `dropped` tensors of `segment`."""
-        return tuple(op.name for op in self.ops
-                     if op.segment == segment and op.output in dropped)
+        """Ops to re-run (forward order) to regenerate `dropped` tensors of `segment`: their
+        producers (an op may save several tensors, as fused attention saves its output and the
+        row logsumexp)."""
+        producers = {t.producer for t in self.tensors
+                     if t.name in dropped and t.segment == segment}
+        return tuple(op.name for op in self.ops if op.segment == segment and op.name in producers)

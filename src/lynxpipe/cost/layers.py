@@ -1,9 +1,17 @@
-"""Op graphs of Megatron-style GPT and LLaMA layers, embedding and LM head (SPEC §3).
+"""Op graphs of Megatron-style decoder layers (every registered family), embedding and LM head
+(SPEC §3, §10).
 
 Shapes are per TP rank: s sequence, b micro-batch, h hidden, a heads, t TP degree; with
-sequence parallelism (SP) norms, dropout and residuals work on s/t tokens. Saved-tensor bytes
-reproduce Korthikanti et al. (2022): sbh(10 + 24/t + 5as/(ht)) without SP and
-(sbh/t)(34 + 5as/h) with SP, for a GPT layer with dropout.
+sequence parallelism (SP) norms, dropout and residuals work on s/t tokens. Saved bytes per
+layer and TP rank, 16-bit activations, a GPT layer with attention and hidden dropout, leaving
+out the norms' fp32 statistics (16sb bytes, 16sb/t with SP; see `_norm_stats`):
+
+- explicit attention (Korthikanti et al. 2022): sbh(10 + 24/t + 5as/(ht)) without SP,
+  (sbh/t)(34 + 5as/h) with SP;
+- fused attention (SPEC §10): the s x s scores, probabilities and dropout mask are never
+  stored; the kernel keeps its output and the fp32 row logsumexp, b(a/t)s values, plus a 16-byte
+  RNG seed/offset when attention dropout is on: sbh(10 + 24/t + 4a/(ht)) + 16 without SP,
+  (sbh/t)(34 + 4a/h) + 16 with SP (the 24/t: q, k, v 6, output 2, FC1 8, GeLU 8).
 """
 
 from __future__ import annotations
@@ -33,12 +41,14 @@ class _Builder:
     segment: int = 0
 
     def op(self, name: str, inputs: tuple[str, ...], output: str, flops: float, nbytes: float,
-           gemm: bool = False) -> None:
-        """Add a forward op; GEMMs split backward into dgrad and wgrad of equal work."""
+           gemm: bool = False, bwd_factor: float = 2.0) -> None:
+        """Add a forward op; GEMMs split backward into dgrad and wgrad of equal work, other ops
+        take `bwd_factor` x their forward FLOPs (and 1.5 x its bytes) in one backward."""
         wgrad = (flops, nbytes) if gemm else (0.0, 0.0)
-        dgrad = (flops, nbytes) if gemm else (2.0 * flops, 1.5 * nbytes)
+        dgrad = (flops, nbytes) if gemm else (bwd_factor * flops, 1.5 * nbytes)
         self.ops.append(Op(name, self.segment, inputs, output, flops, nbytes,
-                           dgrad[0], dgrad[1], wgrad[0], wgrad[1]))
+                           dgrad[0], dgrad[1], wgrad[0], wgrad[1],
+                           0.0 if gemm else max(0.0, (bwd_factor - 2.0) * flops)))
         if self.fwd and self.fwd[-1].kind == "compute":
             self.fwd[-1] = Step("compute", self.fwd[-1].ops + (name,), "fwd")
         else:
@@ -114,6 +124,7 @@ class _Dims:
     f: int      # ffn width per rank
     heads: int  # attention heads per rank
     kv: int     # key/value width per rank
+    kv_heads: int  # key/value heads per rank
     t: int
     e: int      # bytes per element
     sp: bool
@@ -125,7 +136,8 @@ def _dims(model: ModelSpec, par: ParallelSpec) -> _Dims:
     return _Dims(n=n, nl=n // t if par.sequence_parallel else n, s=par.seq_len,
                  b=par.micro_batch_size, h=model.hidden_size, f=model.ffn_hidden_size // t,
                  heads=model.num_heads // t,
-                 kv=max(1, model.num_kv_heads // t) * model.head_dim, t=t,
+                 kv=max(1, model.num_kv_heads // t) * model.head_dim,
+                 kv_heads=max(1, model.num_kv_heads // t), t=t,
                  e=model.dtype_bytes, sp=par.sequence_parallel, v=model.vocab_size // t)
 
 
@@ -140,8 +152,8 @@ def _reduce(bld: _Builder, d: _Dims, name: str) -> None:
     bld.coll(name, "reduce_scatter" if d.sp else "all_reduce", d.e * d.n * d.h)
 
 
-def _attention_core(bld: _Builder, d: _Dims, qkv: str, dropout: bool) -> str:
-    """QK^T + softmax, attention dropout and AV; returns the context tensor name."""
+def _explicit_attention(bld: _Builder, d: _Dims, qkv: str, dropout: bool) -> None:
+    """QK^T + softmax, attention dropout and AV as separate ops (Korthikanti's accounting)."""
     score_elems = d.b * d.heads * d.s * d.s
     bld.op("scores", (qkv,), "probs", 2 * d.n * d.s * (d.h // d.t)
            + 5 * score_elems, 2 * d.e * score_elems, gemm=True)
@@ -157,7 +169,47 @@ def _attention_core(bld: _Builder, d: _Dims, qkv: str, dropout: bool) -> str:
     bld.op("av", (attn_in, qkv), "ctx", 2 * d.n * d.s * (d.h // d.t),
            d.e * (score_elems + 2 * d.n * d.h // d.t), gemm=True)
     bld.save("ctx", d.e * d.n * d.h // d.t, "av", ("proj",), True)
-    return attn_in
+
+
+ATTENTION_BWD_FACTOR = 2.5
+"""Fused attention backward over its forward matmuls: the kernel recomputes the scores
+(FlashAttention-2: 2.5x); a time-model fact, not a recompute task."""
+RNG_STATE_BYTES = 16
+"""Philox seed and offset (two int64) a fused kernel keeps instead of a dropout mask."""
+
+
+def _fused_attention(bld: _Builder, d: _Dims, qkv: str, dropout: bool) -> None:
+    """One FlashAttention-style kernel: reads q, k, v (views of the QKV output), saves its
+    output (`ctx`, which the out-projection reads too) and the fp32 row logsumexp. With GQA
+    and several key/value groups on a rank, the query heads of the grouped QKV output
+    ([.., group, q heads + k + v, d], Megatron's layout) cannot be merged into one head
+    dimension without a copy: the kernel's q is that copy, saved as well."""
+    matmul = 4 * d.n * d.s * (d.h // d.t)  # QK^T and AV, as the explicit path counts them
+    io = d.e * (d.n * (d.h // d.t + 2 * d.kv) + d.n * d.h // d.t) + 4 * d.b * d.heads * d.s
+    bld.op("attn", (qkv,), "ctx", matmul, io, bwd_factor=ATTENTION_BWD_FACTOR)
+    bld.save("ctx", d.e * d.n * d.h // d.t, "attn", ("attn", "proj"), True)
+    bld.save("attn_lse", 4 * d.b * d.heads * d.s, "attn", ("attn",), True)
+    if 1 < d.kv_heads < d.heads:  # GQA with several groups per rank: q is a regrouped copy
+        bld.save("attn_q", d.e * d.n * d.h // d.t, "attn", ("attn",), True)
+    if dropout:
+        bld.save("attn_rng", RNG_STATE_BYTES, "attn", ("attn",), False)
+
+
+@dataclass(frozen=True)
+class AttentionBuilder:
+    """How one attention variant (`ModelSpec.attention`) enters the layer graph."""
+
+    readers: tuple[str, ...]
+    """Ops whose backward reads the QKV output."""
+    build: Callable[[_Builder, _Dims, str, bool], None]
+    """Adds the attention's ops and saved tensors (qkv tensor name, attention dropout on)."""
+
+
+ATTENTION_BUILDERS: dict[str, AttentionBuilder] = {
+    "explicit": AttentionBuilder(("scores", "av"), _explicit_attention),
+    "fused": AttentionBuilder(("attn",), _fused_attention),
+}
+"""Graph builder of every attention variant."""
 
 
 def _norm_stats(bld: _Builder, d: _Dims, norm: str, family: Family) -> None:
@@ -169,8 +221,10 @@ def _norm_stats(bld: _Builder, d: _Dims, norm: str, family: Family) -> None:
     bld.save(f"{norm}_stats", family.norm_stats_bytes_per_token() * d.nl, norm, (norm,), False)
 
 
-def _attention_block(bld: _Builder, d: _Dims, drop: bool, family: Family, mlp_in: str) -> None:
+def _attention_block(bld: _Builder, d: _Dims, model: ModelSpec, mlp_in: str) -> None:
     """Norm, QKV (+RoPE), attention core, out-proj, its reduction, residual, second norm."""
+    family, attn = model.family_info, ATTENTION_BUILDERS[model.attention]
+    drop = model.hidden_dropout > 0
     q_width, norm_flops = d.h // d.t, family.norm_flops_per_element()
     bld.op("ln1", ("x",), "ln1_out", norm_flops * d.nl * d.h, 2 * d.e * d.nl * d.h)
     bld.save("x", d.e * d.nl * d.h, "", ("ln1",), False)
@@ -182,8 +236,8 @@ def _attention_block(bld: _Builder, d: _Dims, drop: bool, family: Family, mlp_in
                               else (0, 0))
     bld.op("qkv", ("ln1_out",), "qkv_out", 2 * d.n * d.h * qkv_width + rope_flops,
            d.e * (d.n * d.h + d.n * qkv_width + d.h * qkv_width) + rope_bytes, gemm=True)
-    bld.save("qkv_out", d.e * d.n * qkv_width, "qkv", ("scores", "av"), not d.sp)
-    _attention_core(bld, d, "qkv_out", drop)
+    bld.save("qkv_out", d.e * d.n * qkv_width, "qkv", attn.readers, not d.sp)
+    attn.build(bld, d, "qkv_out", model.attention_dropout > 0)
     bld.op("proj", ("ctx",), "", 2 * d.n * q_width * d.h,
            d.e * (d.n * q_width + d.n * d.h + q_width * d.h), gemm=True)
     _reduce(bld, d, "ar_proj")
@@ -242,9 +296,9 @@ def transformer_layer(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     mlp = MLP_BUILDERS.get(family.mlp)
     if mlp is None:
         raise LynxError(f"family {family.name}: no graph builder for MLP kind {family.mlp!r}")
-    d, drop = _dims(model, par), model.dropout > 0
+    d, drop = _dims(model, par), model.hidden_dropout > 0
     bld = _Builder("layer")
-    _attention_block(bld, d, drop, family, mlp.first)
+    _attention_block(bld, d, model, mlp.first)
     mlp.build(bld, d)
     _reduce(bld, d, "ar_fc2")
     _residual(bld, d, "res2", "", drop, ())
@@ -291,7 +345,7 @@ def embed_graph(model: ModelSpec, par: ParallelSpec) -> LayerGraph:
     # int64 token ids + the bool "outside my vocab shard" mask for the embedding backward; the
     # runtime hands them over once the reduction is done, so they are held from here
     bld.save("embed_ids", TOKEN_BOOKKEEPING_BYTES * d.n, "embed_dropout", ("lookup",), False)
-    if model.dropout > 0:
+    if model.hidden_dropout > 0:
         bld.save("embed_mask", d.nl * d.h, "embed_dropout", ("embed_dropout",), False)
     return bld.build(_bwd_colls(bld, d, (), ("lookup",)))
 

@@ -42,13 +42,15 @@ class Lp:
         return len(self.c) - 1
 
     def row(self, terms: dict[int, float], lo: float = -np.inf, hi: float = np.inf,
-            budget: bool = False) -> None:
-        """Add lo <= terms <= hi. A `budget` row (memory <= budget, scaled to ~1) is kept a hair
-        below its bound: HiGHS may overshoot a row by its feasibility tolerance (see `solve`)."""
+            budget: bool = False, byte: float = 0.0) -> None:
+        """Add lo <= terms <= hi. A `budget` row (memory <= budget, scaled so that one byte is
+        `byte`) counts whole bytes: a plan needing exactly the budget fits, so the bound moves
+        half a byte up; it is then kept a hair below that (never a whole byte), since HiGHS may
+        overshoot a row by its feasibility tolerance (see `solve`)."""
         r = len(self.lo)
         if budget:
             self.budget_rows.append(r)
-            hi -= BUDGET_HAIR
+            hi += 0.5 * byte - (min(BUDGET_HAIR, 0.25 * byte) if byte else BUDGET_HAIR)
         self.entries += [(r, v, a) for v, a in terms.items() if a]
         self.lo.append(lo)
         self.hi.append(hi)
@@ -193,7 +195,8 @@ class RankMilp:
                         due = k[0] != "B" or (self.p.order[k[1]], k[2], 1) <= pos
                     if due:
                         terms[x] += pt.regen / self.scale
-        self.lp.row(terms, hi=(self.budget - const) / self.scale, budget=True)
+        self.lp.row(terms, hi=(self.budget - const) / self.scale, budget=True,
+                    byte=1.0 / self.scale)
 
     def _memory(self) -> None:
         p, n = self.p, self.p.inflight

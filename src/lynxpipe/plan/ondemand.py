@@ -99,7 +99,7 @@ def solve_counts(options: list[CountOption], period: Period, budget: int, time_l
         lp.row({c: 1.0, u: -float(num)}, hi=0.0)
     kept = {c: o.kept_bytes / scale for c, o in zip(count, options)}
     lp.row({c: n * k for c, k in kept.items()},
-           hi=(budget - n * extras - period.buffer) / scale, budget=True)
+           hi=(budget - n * extras - period.buffer) / scale, budget=True, byte=1.0 / scale)
     base = (n - 1) * extras + period.extras[0] + period.buffer
     for i, o in enumerate(options):
         if o.peak_bytes <= 0:  # no higher than the forward row's bound: redundant
@@ -108,7 +108,7 @@ def solve_counts(options: list[CountOption], period: Period, budget: int, time_l
         for c in count[:i + 1]:
             terms[c] += kept[c]
         terms[used[i]] = o.peak_bytes / scale
-        lp.row(terms, hi=(budget - base) / scale, budget=True)
+        lp.row(terms, hi=(budget - base) / scale, budget=True, byte=1.0 / scale)
     out = lp.solve(time_limit_s)
     if out is None:
         return None

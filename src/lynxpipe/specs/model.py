@@ -1,13 +1,17 @@
-"""Transformer model description: presets and Hugging Face style `config.json` loading."""
+"""Transformer model description and presets (Hugging Face `config.json` files: `specs.hf`)."""
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from lynxpipe.errors import LynxError
-from lynxpipe.specs.families import FAMILIES, Family, family_of_hf, get_family
+from lynxpipe.specs.families import FAMILIES, Family, get_family
+
+Attention = Literal["fused", "explicit"]
+ATTENTION_KINDS: tuple[str, ...] = ("fused", "explicit")
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,14 @@ class ModelSpec:
     """MLP inner width (4h for GPT; SwiGLU width for LLaMA)."""
     vocab_size: int
     """Vocabulary size V (padded as Megatron pads it)."""
-    dropout: float = 0.1
-    """Dropout probability of attention and residual dropout (0 disables the masks)."""
+    attention: Attention = "fused"
+    """`fused`: one FlashAttention-style kernel (SDPA, flash_attention_2, TE) that saves q, k, v,
+    its output and the row logsumexp, never the s x s scores (what users run, SPEC §10);
+    `explicit`: scores, softmax and dropout as separate ops (Korthikanti's accounting)."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities (fused: regenerated from a saved RNG seed)."""
+    hidden_dropout: float = 0.1
+    """Dropout after the out-projection, after the MLP and on the embedding (0: no masks)."""
     dtype_bytes: int = 2
     """Bytes per activation element (2 for fp16/bf16)."""
 
@@ -51,8 +61,14 @@ class ModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise LynxError(f"model {self.name}: num_heads={self.num_heads} is not divisible "
                             f"by num_kv_heads={self.num_kv_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LynxError(f"model {self.name}: dropout={self.dropout} must be in [0, 1)")
+        if self.attention not in ATTENTION_KINDS:
+            raise LynxError(f"model {self.name}: attention={self.attention!r} must be one of "
+                            f"{', '.join(ATTENTION_KINDS)}")
+        for key in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or not 0.0 <= value < 1.0:
+                raise LynxError(f"model {self.name}: {key}={value!r} must be a number in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -77,7 +93,9 @@ class ModelSpec:
 
 
 def _gpt(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
-    return ModelSpec(name, "gpt", layers, hidden, heads, heads, 4 * hidden, 51200)
+    # Megatron's defaults: attention and hidden dropout 0.1
+    return ModelSpec(name, "gpt", layers, hidden, heads, heads, 4 * hidden, 51200,
+                     attention_dropout=0.1, hidden_dropout=0.1)
 
 
 # GPT sizes from Brown et al. 2020 / Megatron-LM (Narayanan et al. 2021, Table 1); 22B is the
@@ -89,12 +107,15 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     "gpt-6.7b": _gpt("gpt-6.7b", 32, 4096, 32),
     "gpt-13b": _gpt("gpt-13b", 40, 5120, 40),
     "gpt-22b": _gpt("gpt-22b", 48, 6144, 64),
-    "llama-7b": ModelSpec("llama-7b", "llama", 32, 4096, 32, 32, 11008, 32000, dropout=0.0),
-    "llama-13b": ModelSpec("llama-13b", "llama", 40, 5120, 40, 40, 13824, 32000, dropout=0.0),
-    # Small models for the CPU runtime, tests and the emulated cluster.
+    "llama-7b": ModelSpec("llama-7b", "llama", 32, 4096, 32, 32, 11008, 32000,
+                          hidden_dropout=0.0),
+    "llama-13b": ModelSpec("llama-13b", "llama", 40, 5120, 40, 40, 13824, 32000,
+                           hidden_dropout=0.0),
+    # Small models for the CPU runtime, tests and the emulated cluster: attention dropout 0,
+    # as fused attention on CPU needs (SPEC §10), hidden dropout on
     "gpt-tiny": ModelSpec("gpt-tiny", "gpt", 4, 64, 4, 4, 256, 512),
     "gpt-small-cpu": ModelSpec("gpt-small-cpu", "gpt", 4, 512, 8, 8, 2048, 4096),
-    "llama-tiny": ModelSpec("llama-tiny", "llama", 4, 128, 4, 2, 256, 512, dropout=0.0),
+    "llama-tiny": ModelSpec("llama-tiny", "llama", 4, 128, 4, 2, 256, 512, hidden_dropout=0.1),
 }
 
 
@@ -102,47 +123,12 @@ def get_model(name: str) -> ModelSpec:
     """Return a preset, or load `name` as a Hugging Face style `config.json` if it is a file."""
     if name in MODEL_PRESETS:
         return MODEL_PRESETS[name]
-    if Path(name).is_file():
+    if Path(name).exists():
+        from lynxpipe.specs.hf import load_hf_config
+
         return load_hf_config(name)
     raise LynxError(f"unknown model {name!r}; use a preset ({', '.join(MODEL_PRESETS)}) "
                     f"or the path of a Hugging Face config.json")
-
-
-def load_hf_config(path: str | Path) -> ModelSpec:
-    """Build a ModelSpec from a GPT-2 or LLaMA family Hugging Face `config.json`."""
-    path = Path(path)
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LynxError(f"{path}: cannot read config.json ({exc})") from None
-    model_type = str(cfg.get("model_type", "")).lower()
-    name = cfg.get("_name_or_path") or path.parent.name or path.stem
-    try:
-        family = family_of_hf(model_type)
-        if family is not None and family.name == "gpt":
-            hidden = cfg["n_embd"]
-            spec = ModelSpec(
-                name=str(name), family="gpt", num_layers=cfg["n_layer"], hidden_size=hidden,
-                num_heads=cfg["n_head"], num_kv_heads=cfg["n_head"],
-                ffn_hidden_size=cfg.get("n_inner") or 4 * hidden, vocab_size=cfg["vocab_size"],
-                dropout=float(cfg.get("resid_pdrop", 0.1)),
-            )
-        elif family is not None and family.name == "llama":
-            heads = cfg["num_attention_heads"]
-            spec = ModelSpec(
-                name=str(name), family="llama", num_layers=cfg["num_hidden_layers"],
-                hidden_size=cfg["hidden_size"], num_heads=heads,
-                num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                ffn_hidden_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                dropout=float(cfg.get("attention_dropout", 0.0)),
-            )
-        else:
-            known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
-            raise LynxError(f"{path}: model_type={model_type!r} is not supported; "
-                            f"use one of {', '.join(known)}")
-    except KeyError as exc:
-        raise LynxError(f"{path}: missing key {exc.args[0]!r} for model_type={model_type}") from None
-    return spec
 
 
 def with_layers(spec: ModelSpec, num_layers: int) -> ModelSpec:

@@ -66,12 +66,20 @@ def standard_cases(stage: Stage) -> list[PolicyCase]:
     layers = _layers(stage)
     idx = [lay.index for lay in layers]
     drop_all = {lay.index: frozenset(t.name for t in lay.graph.droppable()) for lay in layers}
-    attn = frozenset({"probs", "probs_dropped"} if stage.cfg.model.dropout > 0 else {"probs"})
+    attn = _attention_core(layers[0])
     return [PolicyCase("none"), PolicyCase("all-on-demand", drop_all),
             PolicyCase("selective", {i: attn for i in idx}),
             PolicyCase("pinned", drop_all, tasks=pinned_tasks(stage, drop_all)),
             PolicyCase("full", full_layers=frozenset(idx),
                        tasks={_recv(0): (Task(0, idx[0], -1),)})]
+
+
+def _attention_core(layer: TransformerLayer) -> frozenset[str]:
+    """What selective recompute drops: the explicit attention core's probabilities, or the fused
+    kernel's output and logsumexp (its q copy too, with GQA)."""
+    explicit = frozenset({"probs", "probs_dropped"})
+    return frozenset(t.name for t in layer.graph.droppable()
+                     if t.name in explicit or t.producer == "attn")
 
 
 def _recv(mb: int) -> Window:
@@ -313,7 +321,7 @@ def _tp_slice(name: str, full: Tensor, cfg: BuildConfig) -> Tensor:
 def check_tp_equivalence(stage: Stage, batch: Batch, rtol: float = 1e-4) -> list[str]:
     """With dropout 0, a TP stage computes the tp=1 model: same loss, sliced gradients."""
     cfg = stage.cfg
-    if cfg.model.dropout > 0:
+    if cfg.model.hidden_dropout > 0 or cfg.model.attention_dropout > 0:
         return ["check_tp_equivalence needs dropout = 0 (masks differ with the sharding)"]
     single = Stage(BuildConfig(cfg.model, _single(cfg), cfg.tp.__class__(), cfg.dtype,
                                cfg.device, cfg.seed),

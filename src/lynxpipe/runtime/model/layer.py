@@ -30,6 +30,7 @@ from lynxpipe.runtime.model.ops import (
     apply_dropout,
     apply_rope,
     attention_scale,
+    fused_attention,
     layer_norm,
     rms_norm,
     rope_tables,
@@ -78,6 +79,13 @@ class BuildConfig:
                             f"and num_kv_heads={m.num_kv_heads}")
         if m.ffn_hidden_size % tp.size or m.vocab_size % tp.size:
             raise LynxError(f"tp={tp.size} must divide ffn_hidden_size and vocab_size")
+        if m.attention == "fused" and m.attention_dropout > 0:
+            # torch's CPU SDPA silently falls back to the math path with dropout and saves the
+            # s x s tensors fused attention is meant to avoid (SPEC §10)
+            raise LynxError(f"model {m.name}: fused attention with attention_dropout="
+                            f"{m.attention_dropout} is not run by the reference runtime (SDPA "
+                            f"would fall back to explicit attention); use --attention-dropout 0 "
+                            f"(hidden dropout stays on) or --attention explicit")
         if par.sequence_parallel and par.seq_len % tp.size:
             raise LynxError(f"sequence_parallel needs seq_len={par.seq_len} divisible by tp")
 
@@ -135,13 +143,15 @@ class TransformerLayer(nn.Module):
         self.index, self.rng, self.tp, self.family = index, rng, tp, m.family_info
         self.graph: LayerGraph = layer_graph(cfg.spec, cfg.par)
         """The planner's graph of this layer (names, segments, step programs)."""
-        self.p = m.dropout
+        self.p_attn, self.p = m.attention_dropout, m.hidden_dropout
         self.hd, self.kvh = m.head_dim, m.num_kv_heads // tp.size
         self.qpg = m.num_heads // m.num_kv_heads
         self._build_params(cfg, cfg.init_generator(index))
         s = cfg.par.seq_len
-        self.register_buffer("causal", torch.ones(s, s, dtype=torch.bool, device=cfg.device)
-                             .triu(1), persistent=False)
+        if m.attention == "explicit":
+            self.register_buffer("causal", torch.ones(s, s, dtype=torch.bool,
+                                                      device=cfg.device).triu(1),
+                                 persistent=False)
         if self.family.rope:
             cos, sin = rope_tables(s, self.hd)
             self.register_buffer("cos", cos.to(**cfg.factory()), persistent=False)
@@ -248,17 +258,34 @@ class TransformerLayer(nn.Module):
 
     def _op_attn_dropout(self, env: Env, rt: OpRuntime) -> None:
         probs = env["probs"]
-        mask = rt.mask("attn_dropout", tuple(probs.shape), self.p, self.rng.local)
-        self._put(env, rt, "probs_dropped", apply_dropout(probs, mask, self.p), mask)
+        mask = rt.mask("attn_dropout", tuple(probs.shape), self.p_attn, self.rng.local)
+        self._put(env, rt, "probs_dropped", apply_dropout(probs, mask, self.p_attn), mask)
 
     def _op_av(self, env: Env, rt: OpRuntime) -> None:
-        probs = env["probs_dropped"] if self.p > 0 else env["probs"]
+        probs = env["probs_dropped"] if self.p_attn > 0 else env["probs"]
         qkv = env["qkv_out"]
         v = self._heads(qkv)[-1]
         ctx = _stack([torch.bmm(probs[:, j], v) for j in range(self.qpg)])
         s, b = qkv.shape[:2]
         ctx = ctx.view(b, self.kvh, self.qpg, s, self.hd).permute(3, 0, 1, 2, 4)
         self._put(env, rt, "ctx", ctx.reshape(s, b, self.kvh * self.qpg * self.hd))
+
+    def _op_attn(self, env: Env, rt: OpRuntime) -> None:
+        """Fused attention: one SDPA kernel on views of the QKV output; it saves q, k, v, its
+        output (the context the out-projection reads) and the row logsumexp, tagged here."""
+        qkv = env["qkv_out"]
+        s, b = qkv.shape[:2]
+        grouped = qkv.view(s, b, self.kvh, self.qpg + 2, self.hd)
+        # GQA: merging (kv group, query in group) copies; keep the copy in [s, b, heads, hd]
+        # order, as the kernel lays its output out like q and the context must be a view of it
+        q = grouped[:, :, :, :self.qpg].reshape(s, b, self.kvh * self.qpg, self.hd)
+        q = q.permute(1, 2, 0, 3)
+        k, v = (grouped[:, :, :, i].permute(1, 2, 0, 3) for i in (self.qpg, self.qpg + 1))
+        out, lse = fused_attention(q, k, v)
+        if self.qpg > 1 and self.kvh > 1:  # the merge copied (the graph's `attn_q`)
+            self._put(env, rt, "attn_q", q)
+        self._put(env, rt, "attn_lse", lse)
+        self._put(env, rt, "ctx", out.permute(2, 0, 1, 3).reshape(s, b, -1))
 
     def _residual(self, env: Env, rt: OpRuntime, op: str) -> Tensor:
         """Bias + dropout + residual add after a row-parallel linear (Megatron's fused op)."""

@@ -170,3 +170,25 @@ def apply_rope(qkv: Tensor, cos: Tensor, sin: Tensor, rotated: int) -> Tensor:
 def attention_scale(head_dim: int) -> float:
     """1 / sqrt(head_dim)."""
     return 1.0 / math.sqrt(head_dim)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal FlashAttention-style attention: (output [b, heads, s, hd], fp32 row logsumexp
+    [b, heads, s]). q has `heads`, k and v `kv_heads` dividing it (GQA).
+
+    The aten flash kernels return the logsumexp, which `F.scaled_dot_product_attention` hides,
+    so the recompute engine can name (and drop) it; their autograd saves exactly q, k, v, the
+    output and the logsumexp (SPEC §10). No dropout: the reference runtime refuses attention
+    dropout with fused attention.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, True)
+        return out, lse
+    if k.shape[1] != q.shape[1]:
+        from lynxpipe.errors import LynxError
+
+        raise LynxError("fused grouped-query attention on CUDA is not in the reference runtime; "
+                        "use --attention explicit, or num_kv_heads = num_heads")
+    result = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)
+    return result[0], result[1]

@@ -48,7 +48,7 @@ class Embedding(nn.Module):
     def __init__(self, cfg: BuildConfig, rng: ModelRng) -> None:
         super().__init__()
         m, gen = cfg.model, cfg.init_generator(EMBED_LAYER)
-        self.tp, self.rng, self.p, self.index = cfg.tp, rng, m.dropout, EMBED_LAYER
+        self.tp, self.rng, self.p, self.index = cfg.tp, rng, m.hidden_dropout, EMBED_LAYER
         self.graph: LayerGraph = embed_graph(cfg.spec, cfg.par)
         self.steps = steps_of(self.graph, "lookup", "ar_embed")
         self.weight = nn.Parameter(shard(_normal(gen, m.vocab_size, m.hidden_size), 0, cfg.tp)
