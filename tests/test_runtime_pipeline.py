@@ -1,7 +1,7 @@
 """The pipeline executor and `lynxpipe train` on CPU/gloo, dropout on (SPEC §7).
 
 One launch of 8 ranks runs every layout side by side (TP 1/2 x PP 1/2/4; 1F1B, GPipe,
-interleaved; DP 2): for every policy (none, full, selective, checkmate, lynx-heu, lynx-opt),
+interleaved; DP 2; fused attention, and explicit attention on one layout): for every policy (none, full, selective, checkmate, lynx-heu, lynx-opt),
 3 training steps give losses and parameters bitwise equal to `none`, every planned recompute
 task runs exactly once in the window kind the plan gave it, and the meter's activation peak
 stays within the plan's prediction plus `slack_bytes` (receive buffers the planner does not
@@ -50,13 +50,15 @@ class Config:
     base: int
     schedule: str = "1f1b"
     virtual_stages: int = 1
+    attention: str = "fused"
 
 
 # configurations of a phase run side by side on disjoint ranks
 PHASES: tuple[tuple[Config, ...], ...] = (
     (Config(2, 4, 1, 0),),
     (Config(1, 4, 1, 0), Config(2, 2, 1, 4, "gpipe")),
-    (Config(2, 1, 1, 0), Config(1, 2, 2, 2, "interleaved", 2), Config(1, 1, 1, 6)),
+    (Config(2, 1, 1, 0, attention="explicit"), Config(1, 2, 2, 2, "interleaved", 2),
+     Config(1, 1, 1, 6)),
 )
 POLICIES = [p for p in ("none", "full", "selective", "checkmate", "lynx-heu", "lynx-opt")
             if p in PLANNERS]
@@ -70,11 +72,17 @@ def _parallel(cfg: Config) -> ParallelSpec:
                         virtual_stages=cfg.virtual_stages)
 
 
+def _model(cfg: Config):  # type: ignore[no-untyped-def]
+    if cfg.attention == "fused":
+        return MODEL
+    return dataclasses.replace(MODEL, attention="explicit", attention_dropout=0.1)
+
+
 def _plans(cfg: Config) -> dict[str, Plan]:
     """Every policy, under a budget halfway between full's and none's peaks (forces drops)."""
-    par = _parallel(cfg)
-    costs = analytic_costs(MODEL, CLUSTER, par)
-    probe = PlanRequest(model=MODEL, cluster=CLUSTER, parallel=par, budget_bytes=1 << 40, costs=costs, time_limit_s=10)
+    par, model = _parallel(cfg), _model(cfg)
+    costs = analytic_costs(model, CLUSTER, par)
+    probe = PlanRequest(model=model, cluster=CLUSTER, parallel=par, budget_bytes=1 << 40, costs=costs, time_limit_s=10)
     none_peak = max(make("none", probe).predicted.peak_memory_bytes)
     full_peak = max(make("full", probe).predicted.peak_memory_bytes)
     req = dataclasses.replace(probe, budget_bytes=(none_peak + full_peak) // 2)
@@ -139,7 +147,8 @@ def _run_config(cfg: Config, groups, plans: dict[str, Plan]) -> tuple[list[str],
             problems.append(f"{name}: losses or parameters differ from none after 3 steps")
         del setup
         gc.collect()
-    where = f"[tp={cfg.tp} pp={cfg.pp} dp={cfg.dp} {cfg.schedule} rank {groups.rank}]"
+    where = (f"[tp={cfg.tp} pp={cfg.pp} dp={cfg.dp} {cfg.schedule} {cfg.attention} "
+             f"rank {groups.rank}]")
     return [f"{where} {p}" for p in problems], memory
 
 
