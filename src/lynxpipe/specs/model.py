@@ -114,7 +114,7 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     # Small models for the CPU runtime, tests and the emulated cluster: attention dropout 0,
     # as fused attention on CPU needs (SPEC §10), hidden dropout on
     "gpt-tiny": ModelSpec("gpt-tiny", "gpt", 4, 64, 4, 4, 256, 512),
-    "gpt-small-cpu": ModelSpec("gpt-small-cpu", "gpt", 4, 512, 8, 8, 2048, 4096),
+    "gpt-small-cpu": ModelSpec("gpt-small-cpu", "gpt", 8, 512, 8, 8, 2048, 4096),
     "llama-tiny": ModelSpec("llama-tiny", "llama", 4, 128, 4, 2, 256, 512, hidden_dropout=0.1),
 }
 
