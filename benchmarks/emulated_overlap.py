@@ -37,6 +37,7 @@ from emulated_overlap_report import Cell, render
 from lynxpipe.artifact import to_dict, write_json_atomic
 from lynxpipe.plan.planners import make, smallest_feasible_bytes
 from lynxpipe.plan.types import Plan, PlanRequest, save_plan
+from lynxpipe.sim.engine import simulate
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 from lynxpipe.workflow import build_request
 
@@ -73,6 +74,20 @@ def _key(plan: Plan) -> tuple:
     return (plan.partition, plan.layers, tuple(tuple(str(a) for a in r) for r in plan.order.ranks))
 
 
+def predicted_sections(plan: Plan, costs: Any) -> list[dict[str, float]]:
+    """Per rank, the simulator's time in forwards, backwards, RECV waits and the tail (DP sync
+    and optimizer): what the ranks' in-loop section timers measure."""
+    sim = simulate(costs, plan.partition, plan.layers, plan.order, trace=True)
+    out = [{"F": 0.0, "B": 0.0, "RECV_wait": 0.0, "tail": 0.0} for _ in sim.ranks]
+    for ev in sim.events:
+        key = {"forward": "F", "backward": "B", "tail": "tail"}.get(ev.cat)
+        if key is None and ev.cat == "idle" and ev.name.startswith("wait"):
+            key = "RECV_wait"
+        if key is not None:
+            out[ev.rank][key] += ev.dur_ms
+    return out
+
+
 def budgets(req: PlanRequest, count: int) -> list[int]:
     """`count` budgets from the smallest feasible one to `none`'s peak, evenly spaced."""
     low = smallest_feasible_bytes(req)
@@ -94,6 +109,7 @@ def plan_cells(prof: Path, par: dict[str, Any], count: int, work: Path,
             cell = {"policy": policy, "budget_bytes": budget,
                     "fits": plan.predicted.fits_budget,
                     "predicted_ms": plan.predicted.step_time_ms,
+                    "predicted_sections": predicted_sections(plan, probe.costs),
                     "predicted_peak_bytes": max(plan.predicted.peak_activation_bytes),
                     "predicted_hidden_ms": plan.predicted.recompute_hidden_ms,
                     "predicted_exposed_ms": plan.predicted.recompute_exposed_ms, "run": None}

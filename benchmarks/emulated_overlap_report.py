@@ -55,13 +55,16 @@ class Cell:
     """Median per-step exposed recompute of the rank that exposed most."""
     sections_ms: tuple[dict[str, float], ...] = ()
     """Per rank: median in-loop section timers (F, B, RECV waits, SEND, DP sync, optimizer)."""
+    predicted_sections_ms: tuple[dict[str, float], ...] = ()
+    """Per rank: the simulator's forward, backward, RECV-wait and tail time of the plan."""
 
     @classmethod
     def from_runs(cls, layout: str, rate: str, spec: dict[str, Any],
                   ranks: list[dict[str, list[dict[str, float]]]]) -> Cell:
         """A cell from its plan's prediction and the ranks' measured steps."""
         base = cls(layout, rate, spec["policy"], spec["budget_bytes"], spec["fits"],
-                   spec["predicted_ms"], spec["predicted_peak_bytes"])
+                   spec["predicted_ms"], spec["predicted_peak_bytes"],
+                   predicted_sections_ms=tuple(spec["predicted_sections"]))
         if spec["run"] is None:
             return base
         per_rank = [r[str(spec["run"])] for r in ranks]
@@ -165,6 +168,24 @@ def fidelity(cells: list[Cell]) -> list[str]:
     return out
 
 
+def sections_table(cells: list[Cell]) -> str:
+    """Where `none`'s time goes per rank, measured (in-loop timers) next to predicted: the
+    decomposition that locates the simulator's error."""
+    rows = ["| layout | link | rank | F meas./pred. | B meas./pred. | RECV wait meas./pred. | "
+            "SEND | DP sync + optimizer meas./pred. | step meas./pred. |",
+            "|:--|:--|--:|--:|--:|--:|--:|--:|--:|"]
+    for c in cells:
+        if c.policy != "none" or c.measured_ms is None:
+            continue
+        for r, (m, p) in enumerate(zip(c.sections_ms, c.predicted_sections_ms)):
+            rows.append(f"| {c.layout} | {c.rate} | {r} | {m['F']:,.0f} / {p['F']:,.0f} | "
+                        f"{m['B']:,.0f} / {p['B']:,.0f} | {m['RECV_wait']:,.0f} / "
+                        f"{p['RECV_wait']:,.0f} | {m['SEND']:,.0f} | "
+                        f"{m['dp_sync'] + m['optimizer']:,.0f} / {p['tail']:,.0f} | "
+                        f"{c.measured_ms:,.0f} / {c.predicted_ms:,.0f} |")
+    return "\n".join(rows)
+
+
 def table(cells: list[Cell], policies: list[str]) -> str:
     """One row per (layout, rate, budget): measured ± spread (predicted) per policy, in ms."""
     head = ["layout", "link", "budget MiB", *policies]
@@ -236,6 +257,8 @@ def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> 
         f"input-gradient all-reduce, sends never block compute).", "",
         "Cells: measured ± spread (predicted) ms; ✗ = does not fit the budget.", "",
         table(cells, policies), "", "**Targets**", "", *targets(cells), "",
+        "**Where `none`'s step goes** (ms per step; in-loop section timers, medians, next to "
+        "the simulator's):", "", sections_table(cells), "",
         "![step time vs budget](benchmarks/results/emulated_overlap/step_time_vs_budget.png)"])
     (out / "results.md").write_text("# Emulated cluster: the budget sweep\n\n" + body + "\n")
     if update_md:

@@ -162,3 +162,21 @@ def test_console_script_prints_one_red_line_and_imports_no_torch() -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: tp=3")
+
+
+def test_fused_attention_with_attention_dropout_is_refused_before_launch() -> None:
+    """The reference runtime does not run it (CPU SDPA would fall back to explicit attention):
+    one line with the fix, before any rank starts."""
+    result = invoke("train", "--model", "gpt-tiny", "--tp", "1", "--pp", "2", "--seq-len", "64",
+                    "--micro-batch-size", "2", "--num-microbatches", "4", "--budget", "64MiB",
+                    "--attention-dropout", "0.1", "--steps", "1")
+    assert_one_line_error(result, "fused attention with attention_dropout=0.1",
+                          "--attention-dropout 0", "--attention explicit")
+
+
+def test_attention_flag_switches_the_graph(tmp_path: Path) -> None:
+    args = ("plan", *SMALL, "--json", "--out", str(tmp_path / "plan.json"))
+    fused = json.loads(invoke(*args).stdout)
+    explicit = json.loads(invoke(*args, "--attention", "explicit").stdout)
+    # explicit attention keeps the s x s probabilities: more memory at the same layout
+    assert max(explicit["peak_activation_bytes"]) > max(fused["peak_activation_bytes"])

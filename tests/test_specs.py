@@ -1,6 +1,7 @@
 """Spec validation: presets, HF configs, budgets and clear errors for bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -104,3 +105,30 @@ def test_model_and_cluster_errors():
         get_model("gpt-9000")
     with pytest.raises(LynxError, match="compute_efficiency"):
         from_dict(ClusterSpec, {**to_dict(get_cluster("a100-pcie")), "compute_efficiency": 2.0})
+
+
+@pytest.mark.parametrize("impl,attention", [("sdpa", "fused"), ("flash_attention_2", "fused"),
+                                            ("eager", "explicit"), (None, "fused")])
+def test_hf_attention_implementation_and_dropouts(tmp_path, impl, attention):
+    cfg = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512,
+           "attn_pdrop": 0.0, "resid_pdrop": 0.2}
+    if impl is not None:
+        cfg["_attn_implementation"] = impl
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    m = load_hf_config(path)
+    assert (m.attention, m.attention_dropout, m.hidden_dropout) == (attention, 0.0, 0.2)
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    ({"attn_pdrop": "abc"}, "attn_pdrop='abc' must be a number"),
+    ({"resid_pdrop": None}, "resid_pdrop=None must be a number"),
+    ({"n_layer": 2.5}, "n_layer=2.5 must be a positive integer"),
+    ({"_attn_implementation": "magic"}, "attention implementation 'magic'"),
+])
+def test_hf_bad_fields_are_clear_errors(tmp_path, cfg, needle):
+    base = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**base, **cfg}))
+    with pytest.raises(LynxError, match=re.escape(needle)):
+        load_hf_config(path)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from lynxpipe.cost.graph import LayerGraph
 from lynxpipe.cost.layers import MLP_BUILDERS, layer_graph
 from lynxpipe.errors import LynxError
+from lynxpipe.runtime.limits import check_runnable
 from lynxpipe.runtime.model.env import PLAIN, Env, ModelRng, OpRuntime, _mix
 from lynxpipe.runtime.model.ops import (
     apply_dropout,
@@ -79,13 +80,7 @@ class BuildConfig:
                             f"and num_kv_heads={m.num_kv_heads}")
         if m.ffn_hidden_size % tp.size or m.vocab_size % tp.size:
             raise LynxError(f"tp={tp.size} must divide ffn_hidden_size and vocab_size")
-        if m.attention == "fused" and m.attention_dropout > 0:
-            # torch's CPU SDPA silently falls back to the math path with dropout and saves the
-            # s x s tensors fused attention is meant to avoid (SPEC §10)
-            raise LynxError(f"model {m.name}: fused attention with attention_dropout="
-                            f"{m.attention_dropout} is not run by the reference runtime (SDPA "
-                            f"would fall back to explicit attention); use --attention-dropout 0 "
-                            f"(hidden dropout stays on) or --attention explicit")
+        check_runnable(m)
         if par.sequence_parallel and par.seq_len % tp.size:
             raise LynxError(f"sequence_parallel needs seq_len={par.seq_len} divisible by tp")
 

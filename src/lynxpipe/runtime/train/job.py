@@ -9,6 +9,7 @@ from pathlib import Path
 from lynxpipe.artifact import load_artifact, save_artifact
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan, PlanRequest, plan_fingerprint
+from lynxpipe.runtime.limits import check_runnable
 
 JOB_VERSION = 1
 
@@ -92,6 +93,7 @@ def training_plan(plan: Plan, req: PlanRequest | None, source: str, device: str)
                             f"command line's {expect}{cpu}: they differ in "
                             f"{_differences(plan, req)}; give the flags the plan was made "
                             f"with, or no spec flags to run the plan's own")
+    check_runnable(plan.model)
     if device == "cpu" and plan.model.dtype_bytes != 4:
         raise LynxError(f"{where}the plan was made for {plan.model.dtype_bytes}-byte "
                         f"activations, but the CPU runtime is fp32; make it with `lynxpipe plan "
