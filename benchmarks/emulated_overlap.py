@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from emulated_overlap_report import Cell, render
+
 from lynxpipe.artifact import to_dict, write_json_atomic
 from lynxpipe.plan.planners import make, smallest_feasible_bytes
 from lynxpipe.plan.types import Plan, PlanRequest, save_plan
@@ -125,8 +126,15 @@ def plan_cells(prof: Path, par: dict[str, Any], count: int, work: Path,
 def run_plans(plans: list[Path], par: dict[str, Any], rate: str, args: argparse.Namespace,
               work: Path) -> list[Any]:
     """All plans on the ranks of one emulated cluster; per rank, per plan, the measured steps."""
-    from lynxpipe.testbed import (EmulatedCluster, emulated, free_cluster_id, master_addr,
-                                  parse_emulate, require_privileges, run_in_rank)
+    from lynxpipe.testbed import (
+        EmulatedCluster,
+        emulated,
+        free_cluster_id,
+        master_addr,
+        parse_emulate,
+        require_privileges,
+        run_in_rank,
+    )
 
     require_privileges()
     job = work / "job.json"

@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench_md import replace_section
+
 from lynxpipe.artifact import from_dict
 
-BEGIN, END = "<!-- emulated_overlap:begin -->", "<!-- emulated_overlap:end -->"
 FORCING = 0.05
 SECTIONS = ("F", "B", "RECV_wait", "SEND", "dp_sync", "optimizer")
 
@@ -262,10 +263,5 @@ def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> 
         "![step time vs budget](benchmarks/results/emulated_overlap/step_time_vs_budget.png)"])
     (out / "results.md").write_text("# Emulated cluster: the budget sweep\n\n" + body + "\n")
     if update_md:
-        text = bench_md.read_text()
-        section = f"{BEGIN}\n## Emulated cluster (measured): the budget sweep\n\n{body}\n{END}"
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        bench_md.write_text(text)
+        replace_section(bench_md, "emulated_overlap", "Emulated cluster (measured): the budget "
+                        "sweep", body)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from bench_md import replace_section
 
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.planners import make
@@ -43,7 +44,6 @@ from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "runtime_overhead"
-BEGIN, END = "<!-- runtime_overhead:begin -->", "<!-- runtime_overhead:end -->"
 SEED = 7
 
 
@@ -124,14 +124,8 @@ def _write(result: dict[str, Any]) -> None:
             f"(interquartile {result['overhead_q1']:+.1%} … {result['overhead_q3']:+.1%}); "
             f"target ≤ 3%: {ok}.")
     (OUT / "results.md").write_text("# Runtime overhead\n\n" + body + "\n")
-    bench = ROOT / "BENCHMARKS.md"
-    text = bench.read_text()
-    section = f"{BEGIN}\n## Runtime overhead (measured)\n\n{body}\n{END}"
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    bench.write_text(text)
+    replace_section(ROOT / "BENCHMARKS.md", "runtime_overhead", "Runtime overhead (measured)",
+                    body)
 
 
 def main() -> None:
