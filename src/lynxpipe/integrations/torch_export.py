@@ -4,8 +4,9 @@ everything else is recomputed on demand (`lynxpipe.integrations.torch_sac` turns
 `policy_fn`).
 
 Selective checkpointing caches whole op outputs, so the nearest plan it can express keeps the
-tensors of *cacheable* ops (every output of the op is a saved tensor; an op with an unsaved
-output would cost bytes no plan counts) when the plan keeps all of them, and drops the rest.
+tensors of *cacheable* ops (every output of the op is a saved tensor, since an op with an
+unsaved output would cost bytes no plan counts; not in place) when the plan keeps all of them,
+and drops the rest.
 The checkpoint also holds its input `x`. Layers that keep everything are not checkpointed;
 fully recomputed ones are checkpointed with no op cached.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from lynxpipe.artifact import load_artifact, save_artifact
-from lynxpipe.cost.graph import LayerGraph
+from lynxpipe.cost.graph import LayerGraph, op_kind
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.types import Plan
 
@@ -55,10 +56,13 @@ class TorchExport:
 
 
 def cacheable_ops(graph: LayerGraph) -> dict[str, tuple[str, ...]]:
-    """Ops every output of which autograd saves: op -> those outputs."""
+    """Ops every output of which autograd saves, in-place ops excepted (torch caches an op's
+    output inside the dispatcher, before an in-place op bumps the version counter, and then
+    refuses the entry as mutated): op -> those outputs."""
     saved = {t.name for t in graph.tensors}
     return {op.name: op.outputs for op in graph.ops
-            if op.outputs and all(n in saved for n in op.outputs)}
+            if op.outputs and all(n in saved for n in op.outputs)
+            and not op_kind(op.name).endswith("_")}
 
 
 def sac_layer(graph: LayerGraph, layer: int, full: bool, dropped: frozenset[str]) -> SacLayer:

@@ -38,6 +38,7 @@ from lynxpipe.runtime.engine.tracer import (
     op_flops,
     op_name,
     path_tracker,
+    storage_key,
 )
 
 
@@ -68,15 +69,33 @@ class _Forward(Recorder):
         self.sizes: list[int] = []
         self.nodes: dict[Any, int] = {}
         self._pending: tuple[int, list[Tensor]] | None = None
+        self.packs: list[tuple[int, str]] = []
+        """Saved (storage key, name) not yet charged to the op that saved it."""
+        self.used_by: dict[str, list[str]] = defaultdict(list)
+        """Saved name -> ops whose backward reads it."""
 
     def observe(self, event: OpEvent, func: Any, args: Any, kwargs: dict[str, Any],
                 out: Any) -> None:
         self.settle()
+        # autograd saves an op's inputs before it runs and its outputs after: a tensor saved
+        # since the previous op is this op's input, or the previous op's output
+        inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, Tensor)}
+        self.charge(len(self.log.ops) - 1, inputs)
         self.flops.append(op_flops(func, args, kwargs, out))
         self.nbytes.append(_nbytes((args, kwargs)) + _nbytes(out))
         self.sizes.append(max(_nbytes((args, kwargs)), _nbytes(out)))
         leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         self._pending = (len(self.log.ops) - 1, leaves)
+
+    def charge(self, index: int, inputs: set[int]) -> None:
+        """Charge pending packs to op `index` (its inputs) or the op before it."""
+        for key, name in self.packs:
+            saver = index if key in inputs or index == 0 else index - 1
+            op = self.log.ops[saver].name
+            if op not in self.used_by[name]:
+                self.used_by[name].append(op)
+        self.packs = []
 
     def settle(self) -> None:
         """Autograd sets an op's node after the op returns: read the previous op's now."""
@@ -131,7 +150,7 @@ def trace_call(call: BlockCall) -> LayerGraph:
     log.external(call.args[1:], call.kwargs, list(block.buffers()))
     log.input(x)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    used_by: dict[str, list[str]] = defaultdict(list)
+    fwd = _Forward(log)
 
     def pack(t: Tensor) -> Tensor:
         if t.untyped_storage().data_ptr() in params:
@@ -139,15 +158,13 @@ def trace_call(call: BlockCall) -> LayerGraph:
         store = log.store_of(t)
         if store.name:
             store.packed = True
-            saver = log.ops[-1].name if log.ops else ""
-            if saver not in used_by[store.name]:
-                used_by[store.name].append(saver)
+            fwd.packs.append((storage_key(t), store.name))
         return t
 
-    fwd = _Forward(log)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd:
         out = block(x, *call.args[1:], **call.kwargs)
     fwd.settle()
+    fwd.charge(len(log.ops), set())  # what the last op saved after it ran
     hidden = next((t for t in tree_flatten(out)[0] if isinstance(t, Tensor)), None)
     if hidden is None or hidden.grad_fn is None:
         raise LynxError(f"{type(block).__name__}: the block returned no tensor with a gradient")
@@ -161,7 +178,7 @@ def trace_call(call: BlockCall) -> LayerGraph:
     finally:
         for p, grad in grads:
             p.grad = grad
-    return _graph(log, fwd, bwd, used_by)
+    return _graph(log, fwd, bwd, fwd.used_by)
 
 
 def _graph(log: ForwardLog, fwd: _Forward, bwd: _Backward,

@@ -221,8 +221,11 @@ class _Replay(TorchDispatchMode):
         in_leaves = tree_flatten((args, kwargs))[0]
         values = []
         for kind, data in event.outs:
-            if kind == "alias":
-                values.append(in_leaves[data])
+            if kind == "alias":  # in place (same geometry) or an unannotated view
+                base, shape, stride, offset = in_leaves[data[0]], *data[1:]
+                same = (tuple(base.shape), tuple(base.stride()), base.storage_offset()) == \
+                    (shape, stride, offset)
+                values.append(base if same else base.as_strided(shape, stride, offset))
             elif kind == "value":
                 values.append(data)
             else:

@@ -162,7 +162,7 @@ class OpEvent:
     """(output leaf index, name) of every storage it creates or writes."""
     outs: tuple[tuple[str, Any], ...]
     """Per output leaf: ('new', (store key, shape, stride, offset, dtype, device)),
-    ('alias', input leaf index) or ('value', the non-tensor value)."""
+    ('alias', (input leaf index, shape, stride, offset)) or ('value', the non-tensor value)."""
     spec: Any = None
     """pytree spec of its output (to rebuild it from `outs`)."""
     rng: tuple[Any, ...] | None = None
@@ -236,7 +236,8 @@ class ForwardLog:
             key = storage_key(leaf)
             out_name = name if i == 0 else f"{name}:{i}"
             if key in in_keys:
-                outs.append(("alias", in_keys[key]))
+                outs.append(("alias", (in_keys[key], tuple(leaf.shape), tuple(leaf.stride()),
+                                       leaf.storage_offset())))
                 if key in written or is_collective(func):
                     writes.append((i, self._write(key, leaf, out_name, len(self.ops))))
                 continue
