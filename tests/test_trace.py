@@ -162,3 +162,88 @@ def test_torch_selective_checkpointing_of_the_reference_layers(tmp_path):
     got, held = train(True)
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     assert held == [s.saved_bytes for s in export.layers]
+
+
+class _ReduceTP(torch.autograd.Function):
+    """Megatron's reduce-from-tensor-parallel-region: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        torch.distributed.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _TPBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        h = x + self.drop(_ReduceTP.apply(self.fc2(torch.nn.functional.gelu(self.fc1(
+            self.ln1(x))))))
+        return h + self.down(torch.tanh(self.up(self.ln2(h))))
+
+
+class _Collectives(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.namespace == "c10d"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def world(tmp_path):
+    dist = torch.distributed
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_collective_splits_the_block_and_is_never_replayed(world):
+    torch.manual_seed(0)
+    block = _TPBlock().train()
+    graph = trace_call(BlockCall(block, (torch.randn(2, 4, 8),), {}))
+    (coll,) = graph.collectives
+    assert coll.kind == "all_reduce" and coll.size_bytes == 2 * 4 * 8 * 4
+    assert graph.num_segments == 2 and [s.kind for s in graph.fwd_steps] == [
+        "compute", "coll", "compute"]
+    seg = {t.name: t.segment for t in graph.tensors}
+    assert seg["fc1/addmm"] == 0 and seg["tanh"] == 1
+    # the residual after the all-reduce cannot be regenerated without re-issuing it
+    assert not graph.tensor("add").droppable and graph.tensor("tanh").droppable
+    dropped = frozenset(t.name for t in graph.droppable())
+
+    def step(engine):
+        torch.manual_seed(3)
+        x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        wrapped = wrap_blocks([block], engine)
+        with engine.forward(0):
+            out = wrapped[0](x)
+        counter = _Collectives()
+        with engine.backward(0), counter:
+            out.square().sum().backward()
+        grads = [p.grad.clone() for p in block.parameters()] + [x.grad]
+        block.zero_grad(set_to_none=True)
+        return grads, counter.count, engine.end_step()
+
+    ref, _, _ = step(RecomputeEngine())
+    got, replays, stats = step(RecomputeEngine({0: dropped}))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert replays == 0 and sorted(t.segment for t in stats.tasks) == [0, 1]

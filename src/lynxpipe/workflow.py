@@ -114,6 +114,10 @@ def request_for_plan(plan: Plan, costs: CostTable) -> PlanRequest:
 
 def resimulate(plan: Plan, costs: CostTable, trace: bool = True) -> tuple[Plan, SimResult]:
     """Simulate a plan's own order again (with a trace); predictions refreshed from `costs`."""
+    if (plan.cost_source == "traced") != (costs.source == "traced"):
+        raise LynxError(f"the plan was made from {plan.cost_source} costs but these are "
+                        f"{costs.source}: a traced block's plan names its tensors, so give its "
+                        f"profile.json with --profile")
     sim = simulate(costs, plan.partition, plan.layers, plan.order, trace=trace)
     pred = predict(request_for_plan(plan, costs), sim)
     return dataclasses.replace(plan, predicted=pred, cost_source=costs.source), sim

@@ -83,7 +83,8 @@ class _Forward(Recorder):
                   if isinstance(t, Tensor)}
         self.charge(len(self.log.ops) - 1, inputs)
         self.flops.append(op_flops(func, args, kwargs, out))
-        self.nbytes.append(_nbytes((args, kwargs)) + _nbytes(out))
+        moved = bool(event.writes)  # an op that only re-views its input (_unsafe_view) moves none
+        self.nbytes.append(_nbytes((args, kwargs)) + _nbytes(out) if moved else 0)
         self.sizes.append(max(_nbytes((args, kwargs)), _nbytes(out)))
         leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         self._pending = (len(self.log.ops) - 1, leaves)

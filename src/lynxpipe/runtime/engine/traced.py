@@ -70,7 +70,8 @@ class TracedRecord(RecordBase):
                             f"tensor, got {type(x).__name__}")
         self.log.external(self.args[1:], self.kwargs, list(self.block.buffers()))
         self.log.input(x)
-        with Recorder(self.log):
+        # a layer that keeps everything is never replayed: any forward will do
+        with Recorder(self.log, strict=bool(self.dropped) or self.full):
             return self.block(*self.args, **self.kwargs)
 
     # --- engine side -----------------------------------------------------------------------
@@ -251,7 +252,7 @@ def _with_rng(rng: tuple[Any, ...] | None, func: Any, args: Any, kwargs: dict[st
     cpu, cuda, gen, gen_state = rng
     torch.set_rng_state(cpu)
     if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
+        torch.cuda.set_rng_state(cuda[1], cuda[0])
     if gen is not None:
         saved = gen.get_state()
         gen.set_state(gen_state)

@@ -166,7 +166,8 @@ class OpEvent:
     spec: Any = None
     """pytree spec of its output (to rebuild it from `outs`)."""
     rng: tuple[Any, ...] | None = None
-    """RNG states before a random op: (CPU state, CUDA state or None, generator, its state)."""
+    """RNG states before a random op: (CPU state, (CUDA device, state) or None, the op's
+    generator or None, its state)."""
     collective: bool = False
     """A torch.distributed collective (never recomputed)."""
 
@@ -214,7 +215,7 @@ class ForwardLog:
         leaves = tree_flatten((args, kwargs))[0]
         cuda = next((t.device for t in leaves if isinstance(t, Tensor) and t.is_cuda), None)
         gen = kwargs.get("generator")
-        return (torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda else None,
+        return (torch.get_rng_state(), (cuda, torch.cuda.get_rng_state(cuda)) if cuda else None,
                 gen, gen.get_state() if gen is not None else None)
 
     def record(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any,
@@ -288,9 +289,11 @@ class Recorder(TorchDispatchMode):
     active: list["Recorder"] = []
     """Recorders running now (a recompute pauses them, so its ops are not logged)."""
 
-    def __init__(self, log: ForwardLog) -> None:
+    def __init__(self, log: ForwardLog, strict: bool = True) -> None:
         super().__init__()
         self.log = log
+        self.strict = strict
+        """Refuse data-dependent ops (needed only when the forward will be replayed)."""
         self.paused = False
 
     def __enter__(self) -> "Recorder":
@@ -306,7 +309,8 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.paused or func in SAC_IGNORED_OPS or is_alias(func):
             return func(*args, **kwargs)
-        check_replayable(func, self.log.namer.tracker.path)
+        if self.strict:
+            check_replayable(func, self.log.namer.tracker.path)
         rng = self.log.rng_state(func, args, kwargs)
         out = func(*args, **kwargs)
         self.observe(self.log.record(func, args, kwargs, out, rng), func, args, kwargs, out)
