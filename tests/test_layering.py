@@ -22,7 +22,7 @@ FLOORS: dict[str, int] = {
     "lynxpipe.sim": 4,
     "lynxpipe.plan": 5, "lynxpipe.runtime": 5,
     "lynxpipe.profile": 6, "lynxpipe.workflow": 6,
-    "lynxpipe.report": 7,
+    "lynxpipe.report": 7, "lynxpipe.integrations": 7,
     "lynxpipe.cli": 8,
 }
 """Floor of every top-level part; a module may import its own part or lower floors."""
@@ -31,8 +31,8 @@ SIBLING_ARTIFACTS = {("lynxpipe.runtime", "lynxpipe.plan.types")}
 PURE_PARTS = ("lynxpipe.specs", "lynxpipe.schedule", "lynxpipe.cost", "lynxpipe.sim",
               "lynxpipe.plan", "lynxpipe.report", "lynxpipe.workflow", "lynxpipe.cli",
               "lynxpipe.testbed", "lynxpipe.runtime.train.job", "lynxpipe.runtime.train.result",
-              "lynxpipe.runtime.limits",
-              "lynxpipe.profile.run")
+              "lynxpipe.runtime.limits", "lynxpipe.profile.run", "lynxpipe.integrations.megatron",
+              "lynxpipe.integrations.flat", "lynxpipe.integrations.torch_export")
 """Modules that must import without torch (torch lives in the profiler and the runtime)."""
 
 

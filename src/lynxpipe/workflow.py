@@ -78,10 +78,13 @@ def build_request(model: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec
                   budget_bytes: int | None = None, reserve_bytes: int = 0,
                   profile: Path | None = None, partition: str = "default",
                   time_limit_s: float = 30.0, devices: int | None = None,
-                  adopt_profile_dtype: bool = False) -> PlanRequest:
+                  adopt_profile_dtype: bool = False, costs: CostTable | None = None
+                  ) -> PlanRequest:
     """Validate the layout and knobs and return the request every planner receives.
 
-    `budget_bytes` None means the cluster's device memory.
+    `budget_bytes` None means the cluster's device memory. `costs` (a CostTable in hand, e.g.
+    `profile.module.module_costs` of a traced block) replaces `profile`; like a profile it must
+    be made for these specs (at any activation width).
     """
     validate_layout(model, cluster, parallel, devices)
     if partition not in PARTITIONS:
@@ -92,7 +95,10 @@ def build_request(model: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec
     if reserve_bytes >= budget:
         raise LynxError(f"--reserve {reserve_bytes} bytes leaves nothing of the "
                         f"{budget}-byte budget for the model")
-    model, costs = load_costs(model, cluster, parallel, profile, adopt_profile_dtype)
+    if costs is not None:
+        model = model_for_profile(model, parallel, costs, "costs")
+    else:
+        model, costs = load_costs(model, cluster, parallel, profile, adopt_profile_dtype)
     return PlanRequest(model=model, cluster=cluster, parallel=parallel, budget_bytes=budget,
                        costs=costs, partition=partition,  # type: ignore[arg-type]
                        reserve_bytes=reserve_bytes, time_limit_s=time_limit_s)
@@ -108,6 +114,10 @@ def request_for_plan(plan: Plan, costs: CostTable) -> PlanRequest:
 
 def resimulate(plan: Plan, costs: CostTable, trace: bool = True) -> tuple[Plan, SimResult]:
     """Simulate a plan's own order again (with a trace); predictions refreshed from `costs`."""
+    if (plan.cost_source == "traced") != (costs.source == "traced"):
+        raise LynxError(f"the plan was made from {plan.cost_source} costs but these are "
+                        f"{costs.source}: a traced block's plan names its tensors, so give its "
+                        f"profile.json with --profile")
     sim = simulate(costs, plan.partition, plan.layers, plan.order, trace=trace)
     pred = predict(request_for_plan(plan, costs), sim)
     return dataclasses.replace(plan, predicted=pred, cost_source=costs.source), sim

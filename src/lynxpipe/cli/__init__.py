@@ -1,4 +1,5 @@
-"""Command-line interface: `lynxpipe plan | simulate | compare | profile | train | cluster`.
+"""Command-line interface: `lynxpipe plan | simulate | compare | profile | train | export |
+cluster`.
 
 One module per verb group (`planning`, `profile`, `train`, `cluster`), shared flags and error
 handling in `common`; the commands are registered here, explicitly, and nothing below the CLI
@@ -11,7 +12,7 @@ import sys
 
 import typer
 
-from lynxpipe.cli import planning, profile, train
+from lynxpipe.cli import export, planning, profile, train
 from lynxpipe.cli.cluster import cluster_app
 from lynxpipe.cli.common import DEFAULTS, print_error
 from lynxpipe.errors import LynxError
@@ -26,6 +27,7 @@ app.command("compare")(planning.compare)
 app.command("plan")(planning.plan)
 app.command("profile")(profile.profile_command)
 app.command("train", help=train.HELP)(train.train_command)
+app.command("export")(export.export_command)
 app.add_typer(cluster_app, name="cluster")
 
 

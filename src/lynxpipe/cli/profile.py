@@ -3,6 +3,12 @@
 
     lynxpipe profile --measure --model gpt-small-cpu --tp 2 --pp 1 --seq-len 256 \\
         --micro-batch-size 2 [--emulate 200mbit] --out profile.json
+    lynxpipe profile --module hf --model llama/config.json --tp 1 --pp 2 --seq-len 64 \\
+        --micro-batch-size 2 --out profile.json     # the layer graph traced from the real block
+
+With `--module` (SPEC §11) the layer graph is traced from a real block (`lynxpipe.profile.module`:
+`hf`, `reference`, or FILE.py:FN / package.module:FN) on CPU in fp32, so the profile is made
+for 4-byte activations.
 
 Without `--measure` it writes the analytic table. With it, `lynxpipe.profile.run` times the
 reference layer's ops on this device and collectives, p2p and contention on launched ranks
@@ -148,10 +154,22 @@ def profile_command(
     timeout: Annotated[float, typer.Option(
         "--timeout", help="Seconds before launched ranks are killed.")] = 900.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    module: Annotated[Optional[str], typer.Option(
+        "--module", help="Trace the layer graph from a real block: hf (the Hugging Face model "
+                         "of the config.json given as --model), reference (lynxpipe's own "
+                         "layer), or FILE.py:FN / package.module:FN, FN(model, parallel) "
+                         "returning (batch, seq) -> BlockCall.")] = None,
 ) -> None:
-    """Write profile.json: measured costs of this device and links (--measure), or analytic."""
+    """Write profile.json: measured costs of this device and links (--measure), the layer graph
+    traced from a real block (--module), or analytic."""
     if spec.profile is not None:
         raise LynxError("--profile is what plan/simulate/compare read; `profile` writes --out")
+    if module is not None:
+        if measure_flag or emulate is not None:
+            raise LynxError("--module traces a block's graph; it does not combine with "
+                            "--measure or --emulate")
+        _module_profile(spec, module, out, json_out)
+        return
     if not measure_flag:
         if emulate is not None:
             raise LynxError("--emulate needs --measure")
@@ -172,6 +190,43 @@ def profile_command(
                               indent=1))
     else:
         _print(m, table, req.costs, req.cluster.name, emu, out)
+
+
+def _module_profile(spec: SpecArgs, module: str, out: Path, json_out: bool) -> None:
+    """Trace the block, write the profile, show its saved tensors."""
+    from lynxpipe.profile.module import load_source, module_costs
+
+    if spec.dtype_bytes not in (None, 4):
+        raise LynxError(f"--dtype-bytes {spec.dtype_bytes}: blocks are traced on CPU in fp32 "
+                        f"(4 bytes)")
+    req = build_request(dataclasses.replace(spec, profile=None, dtype_bytes=4))
+    config = Path(spec.model) if Path(spec.model).is_file() else None
+    source, label = load_source(module, req.model, req.parallel, config)
+    table = module_costs(req.model, req.cluster, req.parallel, source, label)
+    _write(out, table)
+    graph, ref = table.layer.graph, req.costs.layer.graph
+    if json_out:
+        typer.echo(json.dumps({"block": label, "profile_path": str(out),
+                               "saved_bytes": graph.saved_bytes(),
+                               "reference_saved_bytes": ref.saved_bytes(),
+                               "tensors": [{"name": t.name, "bytes": t.size_bytes,
+                                            "droppable": t.droppable} for t in graph.tensors]},
+                              indent=1))
+        return
+    console = stdout_console()
+    view = Table(title=f"saved tensors of {label}, per layer", title_justify="left")
+    for col in ("tensor", "bytes", "droppable", "ops re-run to regenerate it alone"):
+        view.add_column(col, justify="right" if col == "bytes" else "left")
+    for t in graph.tensors:
+        ops = graph.recompute_ops(frozenset({t.name}), t.segment) if t.droppable else ()
+        shown = ", ".join(ops) if len(ops) <= 3 else f"{len(ops)}: {ops[0]} ... {ops[-1]}"
+        view.add_row(t.name, _kib(t.size_bytes), "yes" if t.droppable else "no", shown)
+    console.print(view)
+    console.print(f"{len(graph.ops)} ops, {len(graph.collectives)} collectives, "
+                  f"{graph.num_segments} segment(s); saved {_kib(graph.saved_bytes())} per layer "
+                  f"(lynxpipe's reference {req.model.family} layer: {_kib(ref.saved_bytes())})",
+                  highlight=False)
+    console.print(f"wrote {out}", highlight=False)
 
 
 def _bar_progress(bar: RichProgress, ranks: int,

@@ -100,6 +100,11 @@ def _resolve_plan(ctx: typer.Context, spec: SpecArgs, policy: str | None,
         made = workflow.plan_policy(policy or workflow.DEFAULT_POLICY, req, strict=True)
         return training_plan(made, req, "", device)
     plan = workflow.checked_load(load_plan, plan_file, "plan")
+    if plan.cost_source == "traced":
+        raise LynxError(f"{plan_file} was planned for a traced block (profile --module), whose "
+                        f"tensors lynxpipe's reference model does not have: train it in your "
+                        f"own loop with wrap_blocks(layers, plan=load_plan(...)), or export it "
+                        f"(lynxpipe export --to torch)")
     # no spec flags at all: run the plan's own specs; any flag: all of them must match
     req = build_request(spec) if given - {"dtype_bytes", "profile"} else None
     return training_plan(plan, req, str(plan_file), device)

@@ -42,6 +42,9 @@ class Op:
     kernel_recompute_flops: float = 0.0
     """Part of `dgrad_flops` that re-runs forward work inside the backward kernel (fused
     attention recomputes its scores): time, but not model FLOPs."""
+    outputs: tuple[str, ...] = ()
+    """Every tensor the op writes, saved or not (traced graphs, where an op may read an
+    intermediate no one saves); empty means just `output`."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,48 @@ class LayerGraph:
     def recompute_ops(self, dropped: frozenset[str], segment: int) -> tuple[str, ...]:
         """Ops to re-run (forward order) to regenerate `dropped` tensors of `segment`: their
         producers (an op may save several tensors, as fused attention saves its output and the
-        row logsumexp)."""
-        producers = {t.producer for t in self.tensors
-                     if t.name in dropped and t.segment == segment}
-        return tuple(op.name for op in self.ops if op.segment == segment and op.name in producers)
+        row logsumexp), and, transitively, the producers of every input they read that is not
+        a kept saved tensor (a traced block's unsaved intermediates, or other dropped tensors).
+        Inputs no op of the layer writes (the layer input) are available."""
+        kept = {t.name for t in self.tensors if t.name not in dropped}
+        made_by = {name: op.name for op in self.ops for name in (op.outputs or (op.output,))
+                   if name}
+        by_name = {op.name: op for op in self.ops}
+        need = {t.producer for t in self.tensors
+                if t.name in dropped and t.segment == segment and t.producer}
+        todo = list(need)
+        while todo:
+            for name in by_name[todo.pop()].inputs:
+                producer = made_by.get(name)
+                if name not in kept and producer is not None and producer not in need:
+                    need.add(producer)
+                    todo.append(producer)
+        return tuple(op.name for op in self.ops if op.segment == segment and op.name in need)
+
+    def attention_core(self) -> frozenset[str]:
+        """Droppable tensors Megatron's selective recompute drops: the explicit attention's
+        probabilities (and their dropout); in a traced graph, what the ops from a softmax up to
+        the next matrix product save (probabilities, dropout mask, dropped probabilities)."""
+        names = {"probs", "probs_dropped"}
+        inside = False
+        for op in self.ops:
+            kind = op_kind(op.name)
+            if kind in SOFTMAX_OPS:
+                inside = True
+            elif kind in MATMUL_OPS:
+                inside = False
+            if inside:
+                names.update(op.outputs or (op.output,))
+        return frozenset(t.name for t in self.droppable() if t.name in names)
+
+
+SOFTMAX_OPS = frozenset({"_softmax", "softmax", "_safe_softmax"})
+"""aten ops that start an attention core in a traced graph."""
+MATMUL_OPS = frozenset({"mm", "bmm", "addmm", "baddbmm", "matmul"})
+"""aten ops that end it."""
+
+
+def op_kind(name: str) -> str:
+    """The aten op of a traced op name (`mlp.act/gelu#2` -> `gelu`); the name itself for the
+    analytic graph's ops."""
+    return name.rsplit("/", 1)[-1].split("#", 1)[0]

@@ -18,7 +18,9 @@ from lynxpipe.specs.cluster import ClusterSpec
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+"""2: `traced` layer graphs of a user's block (`block` names it; ops list every tensor they
+write)."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ class LayerCost:
 class CostTable:
     """Everything timing- and memory-related the planners and the simulator consume."""
 
-    source: Literal["analytic", "measured"]
-    """How the times were obtained."""
+    source: Literal["analytic", "measured", "traced"]
+    """How the times were obtained (`traced`: the layer graph traced from a user's block,
+    times from the roofline of its traced FLOPs and bytes)."""
     spec_fingerprint: str
     """Fingerprint of (model, parallel layout) the graphs were built for."""
     layer: LayerCost
@@ -102,6 +105,9 @@ class CostTable:
     """Usable fraction of a communication window for overlapped compute."""
     grad_buffer_bytes: int = 0
     """Receive buffer of an output gradient, held from RECV_B until its backward ends."""
+    block: str = ""
+    """The block the layer graph was traced from ('' for lynxpipe's reference layer); plans
+    made from it drop that block's tensors by their traced names (`wrap_blocks(plan=...)`)."""
 
 
 def _roofline_ms(flops: float, nbytes: float, cluster: ClusterSpec) -> float:
@@ -120,7 +126,7 @@ def collective_ms(coll: Collective, group: int, bytes_per_s: float, latency_us: 
     return 1e3 * (steps * latency_us * 1e-6 + steps / group * coll.size_bytes / bytes_per_s)
 
 
-def _layer_cost(graph: LayerGraph, cluster: ClusterSpec, tp: int) -> LayerCost:
+def layer_cost(graph: LayerGraph, cluster: ClusterSpec, tp: int) -> LayerCost:
     op_ms = {op.name: OpTime(_roofline_ms(op.fwd_flops, op.fwd_bytes, cluster),
                              _roofline_ms(op.dgrad_flops, op.dgrad_bytes, cluster),
                              _roofline_ms(op.wgrad_flops, op.wgrad_bytes, cluster)
@@ -148,9 +154,9 @@ def analytic_costs(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec) ->
     return CostTable(
         source="analytic",
         spec_fingerprint=fingerprint(model, par),
-        layer=_layer_cost(layer_graph(model, par), cluster, par.tp),
-        embed=_layer_cost(embed_graph(model, par), cluster, par.tp),
-        head=_layer_cost(head_graph(model, par), cluster, par.tp),
+        layer=layer_cost(layer_graph(model, par), cluster, par.tp),
+        embed=layer_cost(embed_graph(model, par), cluster, par.tp),
+        head=layer_cost(head_graph(model, par), cluster, par.tp),
         p2p_ms=p2p,
         p2p_bytes=p2p_bytes,
         dp_alpha_ms=2 * (d - 1) * dp_lat * 1e-3 if d > 1 else 0.0,

@@ -38,17 +38,44 @@ class LayerOption:
         return sum(self.seg_bytes.values())
 
 
+EXACT_FRONTIER_TENSORS = 10
+"""Segments with up to this many droppable tensors get every subset tried (the analytic layer
+has at most 8); a traced block's segment may hold dozens, and gets the greedy chain."""
+
+
+def _subsets(names: list[str]) -> list[frozenset[str]]:
+    return [frozenset(c) for r in range(len(names) + 1)
+            for c in itertools.combinations(names, r)]
+
+
+def _greedy_chain(cost: LayerCost, segment: int, names: list[str]) -> list[frozenset[str]]:
+    """Nested drop sets, each adding the tensor that frees the most bytes per extra recompute
+    millisecond (shared producers make the next tensor of a group nearly free)."""
+    size = {t.name: t.size_bytes for t in cost.graph.tensors}
+    chain, dropped = [frozenset()], frozenset()
+    base = 0.0
+    left = set(names)
+    while left:
+        def gain(n: str) -> tuple[float, str]:
+            extra = cost.recompute_ms(dropped | {n}, segment) - base
+            return (size[n] / max(extra, 1e-12), n)
+        best = max(left, key=gain)
+        dropped = dropped | {best}
+        base = cost.recompute_ms(dropped, segment)
+        left.discard(best)
+        chain.append(dropped)
+    return chain
+
+
 def _segment_frontier(cost: LayerCost, segment: int) -> list[tuple[frozenset[str], float, int]]:
-    """Pareto-optimal (dropped set, recompute ms, kept bytes) of one segment."""
+    """Pareto-optimal (dropped set, recompute ms, kept bytes) of one segment: over every subset
+    of its droppable tensors, or over the greedy chain when there are too many to try."""
     names = [t.name for t in cost.graph.droppable() if t.segment == segment]
     size = {t.name: t.size_bytes for t in cost.graph.tensors}
     total = sum(size[n] for n in names)
-    points = []
-    for r in range(len(names) + 1):
-        for combo in itertools.combinations(names, r):
-            dropped = frozenset(combo)
-            kept = total - sum(size[n] for n in dropped)
-            points.append((dropped, cost.recompute_ms(dropped, segment), kept))
+    sets = (_subsets(names) if len(names) <= EXACT_FRONTIER_TENSORS
+            else _greedy_chain(cost, segment, names))
+    points = [(d, cost.recompute_ms(d, segment), total - sum(size[n] for n in d)) for d in sets]
     points.sort(key=lambda p: (p[2], p[1]))
     frontier: list[tuple[frozenset[str], float, int]] = []
     for point in points:

@@ -10,6 +10,7 @@ from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 
 SELECTIVE_TENSORS = frozenset({"probs", "probs_dropped"})
+"""What selective drops from the analytic graph (`LayerGraph.attention_core`)."""
 
 
 def _same_everywhere(req: PlanRequest, name: str, policy: LayerPolicy) -> Plan:
@@ -32,8 +33,8 @@ def plan_full(req: PlanRequest) -> Plan:
 
 def plan_selective(req: PlanRequest) -> Plan:
     """Megatron selective recompute: the attention core (softmax, dropout) of every layer."""
-    present = frozenset(t.name for t in req.costs.layer.graph.droppable())
-    return _same_everywhere(req, "selective", LayerPolicy(dropped=SELECTIVE_TENSORS & present))
+    core = req.costs.layer.graph.attention_core()
+    return _same_everywhere(req, "selective", LayerPolicy(dropped=core))
 
 
 def plan_full_block(req: PlanRequest) -> Plan:

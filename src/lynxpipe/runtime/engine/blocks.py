@@ -1,7 +1,17 @@
 """Overlapped recomputation for your own transformer blocks (public user-model API).
 
-Contract
---------
+With a plan (SPEC §11)
+----------------------
+`blocks = wrap_blocks(model.model.layers, plan=load_plan("plan.json"))` drops, in every block,
+exactly the saved tensors the plan drops, named as `lynxpipe profile --module` named them
+(`runtime.engine.tracer`): no segments to write, no per-architecture code. `blocks.engine` is
+the `RecomputeEngine` of pipeline rank `pp_rank` (its planned windows; run them with
+`engine.run_tasks(window)` where your loop waits; everything else recomputes on demand). A block
+whose forward depends on tensor values, writes a saved tensor in place, or gets a KV cache is
+refused with a message naming the cause.
+
+Without a plan (segments)
+-------------------------
 1. A *block* is an `nn.Module` called as `block(hidden, *args, **kwargs)`; a stack of them is
    wrapped with `wrap_blocks(blocks, engine, first_layer=0, segments=None)`. Layer indices are
    `first_layer + i`; the engine's policy and tasks refer to them.
@@ -28,7 +38,8 @@ Contract
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+import re
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +47,15 @@ from torch import Tensor, nn
 from lynxpipe.errors import LynxError
 from lynxpipe.runtime.engine.recompute import RecomputeEngine
 from lynxpipe.runtime.engine.records import RecordBase, Region, Saved
+from lynxpipe.runtime.engine.traced import TracedRecord
+from lynxpipe.runtime.engine.tracer import path_tracker
+
+if TYPE_CHECKING:
+    from lynxpipe.plan.types import Plan
 
 SegmentFn = Callable[..., Any]
 Segments = Callable[[nn.Module], Sequence[SegmentFn]]
+SEGMENT_NAME = re.compile(r"seg\d+")
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -145,17 +162,47 @@ class RecomputedBlock(nn.Module):
         self.engine = engine
         """The engine in use; replace it to change policy (None: plain forward)."""
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the model reads off its layers (e.g. Hugging Face's `attention_type`)
+        come from the wrapped block."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_modules", {}).get("block")
+            if block is None:
+                raise
+            return getattr(block, name)
+
     def _fns(self) -> list[SegmentFn]:
         return list(self.segments(self.block)) if self.segments is not None else [self.block]
 
     def forward(self, hidden: Any, *args: Any, **kwargs: Any) -> Any:
-        engine, fns = self.engine, self._fns()
+        engine = self.engine
         if engine is None or not engine.recording:
-            for fn in fns:
+            for fn in self._fns():
                 hidden = fn(hidden, *args, **kwargs)
             return hidden
+        refuse_kv_cache(self.layer, args, kwargs)
         engine.register_params(self.block.parameters())
         mb = engine.begin(self.layer)
+        dropped = engine.dropped.get(self.layer, frozenset())
+        if self.segments is not None or (dropped and all(SEGMENT_NAME.fullmatch(n)
+                                                         for n in dropped)):
+            return self._by_segments(engine, mb, hidden, args, kwargs)
+        rec = TracedRecord(engine, mb, self.layer, self.block, path_tracker(self.block),
+                           (hidden, *args), kwargs, dropped, self.layer in engine.full_layers)
+        engine.open(rec)
+        try:
+            out = rec.run()
+        except BaseException:
+            engine.closed(rec)
+            raise
+        rec.finish()
+        return out
+
+    def _by_segments(self, engine: RecomputeEngine, mb: int, hidden: Any,
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fns = self._fns()
         names = {f"seg{i}": i for i in range(len(fns))}
         dropped = engine.dropped.get(self.layer, frozenset())
         bad = sorted(set(dropped) - set(names))
@@ -171,15 +218,75 @@ class RecomputedBlock(nn.Module):
             rec.finish()
 
 
+def refuse_kv_cache(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A KV cache is state the block appends to: a recompute would append again."""
+    values = (*args, *kwargs.values())
+    if kwargs.get("use_cache") is True or any(
+            v is not None and type(v).__name__.endswith("Cache") and hasattr(v, "update")
+            for v in values):
+        raise LynxError(f"block {layer} was called with a KV cache (use_cache=True, Hugging "
+                        f"Face's default): each recompute would append to it again and backward "
+                        f"fails with a shape mismatch; call the model with use_cache=False (or "
+                        f"set model.config.use_cache = False) when training")
+
+
+class WrappedBlocks(nn.ModuleList):
+    """`RecomputedBlock`s; `engine` is the engine they use (the plan's, when given one)."""
+
+    engine: RecomputeEngine | None
+
+
 def wrap_blocks(blocks: Iterable[nn.Module], engine: RecomputeEngine | None = None,
-                first_layer: int = 0, segments: Segments | None = None) -> nn.ModuleList:
-    """Wrap a stack of blocks; block i becomes layer `first_layer + i` of the engine's policy."""
-    return nn.ModuleList(RecomputedBlock(b, first_layer + i, engine, segments)
-                         for i, b in enumerate(blocks))
+                first_layer: int | None = None, segments: Segments | None = None, *,
+                plan: Plan | None = None, pp_rank: int = 0) -> WrappedBlocks:
+    """Wrap a stack of blocks; block i becomes layer `first_layer + i` of the engine's policy.
+
+    With `plan`, the blocks are pipeline rank `pp_rank`'s layers of that plan (all of them when
+    pp = 1), `first_layer` defaults to the first of them, and `engine` to the plan's engine for
+    that rank; the returned list's `.engine` is the engine in use.
+    """
+    blocks = list(blocks)
+    if plan is not None:
+        layers = plan_layers(plan, pp_rank)
+        if len(blocks) != len(layers):
+            raise LynxError(f"the plan puts {len(layers)} layers ({layers[0]}..{layers[-1]}) "
+                            f"on pipeline rank {pp_rank}; got {len(blocks)} blocks")
+        _check_dtype(plan, blocks)
+        if engine is None:
+            from lynxpipe.runtime.pipeline.from_plan import engine_for
+
+            engine = engine_for(plan, pp_rank)
+        first_layer = layers[0] if first_layer is None else first_layer
+    first = 0 if first_layer is None else first_layer
+    out = WrappedBlocks(RecomputedBlock(b, first + i, engine, segments)
+                        for i, b in enumerate(blocks))
+    out.engine = engine
+    return out
+
+
+def plan_layers(plan: Plan, pp_rank: int) -> list[int]:
+    """Global layers of pipeline rank `pp_rank` (its virtual stages in model order)."""
+    from lynxpipe.schedule.policy import stage_layers
+
+    if not 0 <= pp_rank < plan.parallel.pp:
+        raise LynxError(f"pp_rank={pp_rank}: the plan has {plan.parallel.pp} pipeline ranks")
+    ranges = stage_layers(plan.partition)
+    return [g for s in range(pp_rank, len(ranges), plan.parallel.pp) for g in ranges[s]]
+
+
+def _check_dtype(plan: Plan, blocks: list[nn.Module]) -> None:
+    """The plan's bytes are the blocks' bytes only at the same activation width."""
+    param = next((p for b in blocks for p in b.parameters()), None)
+    if param is not None and param.element_size() != plan.model.dtype_bytes:
+        raise LynxError(f"the plan was made for {plan.model.dtype_bytes}-byte activations but "
+                        f"the blocks run {param.dtype} ({param.element_size()} bytes); profile "
+                        f"and plan them at their own dtype")
 
 
 def use_engine(wrapped: Iterable[nn.Module], engine: RecomputeEngine | None) -> None:
     """Point every `RecomputedBlock` in `wrapped` at `engine`."""
+    if isinstance(wrapped, WrappedBlocks):
+        wrapped.engine = engine
     for block in wrapped:
         if isinstance(block, RecomputedBlock):
             block.engine = engine

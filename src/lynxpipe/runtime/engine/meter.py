@@ -41,6 +41,8 @@ class TaskRecord:
     """Wall time of the recompute (host time; see RecomputeEngine.sync_cuda)."""
     regenerated_bytes: int
     """Bytes of the dropped tensors it regenerated (held until their backward)."""
+    flops: int = 0
+    """FLOPs of the ops it re-ran (torch's FlopCounterMode formulas; traced blocks only)."""
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,8 @@ class RecomputeEngine:
         task = Task(rec.key[0], rec.layer, region.segment)
         self._log.append(TaskRecord(task.mb, task.layer, task.segment,
                                     window.kind if window else ON_DEMAND, window,
-                                    self._planned.get(task), elapsed, nbytes))
+                                    self._planned.get(task), elapsed, nbytes,
+                                    getattr(rec, "last_flops", 0)))
 
     # --- saved-tensor hooks ----------------------------------------------------------------
     def _pack(self, t: Tensor) -> Any:
