@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from lynxpipe.errors import LynxError
@@ -11,6 +12,9 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+MAX_BYTES = 2**60
+"""Largest size accepted (1 EiB): far above any device, and small enough that every byte count
+stays exact in the float arithmetic of the cost model."""
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -26,7 +30,10 @@ def parse_bytes(text: str | int | float, what: str = "budget") -> int:
                 f"(B, KB, MB, GB, KiB, MiB, GiB, e.g. 40GiB)"
             )
         value, unit = float(match.group(1)), match.group(2).lower()
-    size = int(value * _UNITS[unit])
+    scaled = value * _UNITS[unit]
+    if not math.isfinite(scaled) or scaled > MAX_BYTES:  # 1e400 parses as inf
+        raise LynxError(f"{what}={text!r} is too large; sizes go up to 1 EiB (2**60 bytes)")
+    size = int(scaled)
     if size <= 0:
         raise LynxError(f"{what}={text!r} must be positive")
     return size
