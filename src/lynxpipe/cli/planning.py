@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,12 +15,14 @@ from lynxpipe.cli.common import (
     PolicyOpt,
     SpecArgs,
     build_request,
+    check_flags_match_plan,
     policy_names,
     spec_command,
 )
+from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.planners import make
-from lynxpipe.plan.types import Plan, load_plan, save_plan
+from lynxpipe.plan.types import Plan, save_plan
 from lynxpipe.report.console import planning_progress, print_comparison
 from lynxpipe.report.summary import plan_summary_text
 from lynxpipe.report.tables import gib, plan_json_summary, spec_header
@@ -38,18 +39,21 @@ def _wrote(paths: list[Path], json_out: bool) -> None:
         typer.echo(f"wrote {len(paths)} files under {paths[0].parent}", err=json_out)
 
 
+def load_plan_flags(ctx: typer.Context, spec: SpecArgs, plan_file: Path) -> tuple[Plan, CostTable]:
+    """--plan, checked (`workflow.load_plan_file`) and against the spec flags given with it."""
+    plan, costs = workflow.load_plan_file(plan_file, spec.profile)
+    check_flags_match_plan(ctx, spec, plan, str(plan_file))
+    return plan, costs
+
+
 @spec_command
-def simulate(spec: SpecArgs, policy: PolicyOpt = None, plan_file: PlanIn = None,
-             out: OutDir = None, json_out: JsonFlag = False) -> None:
+def simulate(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
+             plan_file: PlanIn = None, out: OutDir = None, json_out: JsonFlag = False) -> None:
     """Plan one policy (or load --plan) and simulate one training step."""
     if policy is not None and plan_file is not None:
         raise LynxError("give either --policy or --plan, not both")
     if plan_file is not None:
-        if dataclasses.replace(spec, profile=None) != SpecArgs():
-            typer.echo("note: --plan carries its own specs; the spec flags are ignored", err=True)
-        plan = workflow.checked_load(load_plan, plan_file, "plan")
-        costs = workflow.load_costs(plan.model, plan.cluster, plan.parallel, spec.profile)[1]
-        plan, sim = workflow.resimulate(plan, costs)
+        plan, sim = workflow.resimulate(*load_plan_flags(ctx, spec, plan_file))
     else:
         req = build_request(spec)
         plan = workflow.plan_policy(policy or workflow.DEFAULT_POLICY, req)
