@@ -12,12 +12,13 @@ import inspect
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Mapping, Optional
 
 import typer
 
 from lynxpipe import workflow
 from lynxpipe.cli.shell import print_error
+from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.planners import PLANNERS
 from lynxpipe.plan.types import Plan, PlanRequest
@@ -125,12 +126,20 @@ def lynx_errors() -> Iterator[None]:
         fail(str(exc), exc.exit_code)
 
 
-def spec_command(func: Callable[..., None]) -> Callable[..., None]:
-    """Give `func(spec: SpecArgs, ...)` every SpecArgs field as a typer option."""
+def spec_command(func: Callable[..., None] | None = None, *,
+                 defaults: Mapping[str, Any] | None = None) -> Any:
+    """Give `func(spec: SpecArgs, ...)` every SpecArgs field as a typer option; `defaults`
+    replaces some fields' defaults for this command (`train` runs a CPU-sized model)."""
+    if func is None:
+        return functools.partial(spec_command, defaults=defaults)
+    own_defaults = dict(defaults or {})
+    unknown = set(own_defaults) - {f.name for f in fields(SpecArgs)}
+    assert not unknown, f"not spec flags: {unknown}"
     sig = inspect.signature(func, eval_str=True)
     own = [p for name, p in sig.parameters.items() if name != "spec"]
     hints = typing.get_type_hints(SpecArgs)
-    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                               default=own_defaults.get(f.name, f.default),
                                annotation=Annotated[hints[f.name], f.metadata["option"]])
              for f in fields(SpecArgs)]
 
@@ -245,6 +254,14 @@ def check_flags_match_plan(ctx: typer.Context, spec: SpecArgs, plan: Plan, where
         raise LynxError(f"{where}: {'; '.join(problems)}; a plan carries its own specs: drop "
                         f"the flag(s) to use them, or make a plan for the new specs with "
                         f"`lynxpipe plan`")
+
+
+def load_plan_flags(ctx: typer.Context, spec: SpecArgs, plan_file: Path
+                    ) -> tuple[Plan, CostTable]:
+    """--plan, checked (`workflow.load_plan_file`) and against the spec flags given with it."""
+    plan, costs = workflow.load_plan_file(plan_file, spec.profile)
+    check_flags_match_plan(ctx, spec, plan, str(plan_file))
+    return plan, costs
 
 
 def policy_names(text: str | None) -> list[str]:

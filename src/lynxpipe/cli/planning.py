@@ -15,11 +15,10 @@ from lynxpipe.cli.common import (
     PolicyOpt,
     SpecArgs,
     build_request,
-    check_flags_match_plan,
+    load_plan_flags,
     policy_names,
     spec_command,
 )
-from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.planners import make
 from lynxpipe.plan.types import Plan, save_plan
@@ -37,13 +36,6 @@ PlanOut = Annotated[Path, typer.Option("--out", dir_okay=False, help="Where to w
 def _wrote(paths: list[Path], json_out: bool) -> None:
     if paths:
         typer.echo(f"wrote {len(paths)} files under {paths[0].parent}", err=json_out)
-
-
-def load_plan_flags(ctx: typer.Context, spec: SpecArgs, plan_file: Path) -> tuple[Plan, CostTable]:
-    """--plan, checked (`workflow.load_plan_file`) and against the spec flags given with it."""
-    plan, costs = workflow.load_plan_file(plan_file, spec.profile)
-    check_flags_match_plan(ctx, spec, plan, str(plan_file))
-    return plan, costs
 
 
 @spec_command
