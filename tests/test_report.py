@@ -13,7 +13,9 @@ from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.plot import plot_compare, plot_timeline
 from lynxpipe.report.summary import layer_runs, plan_summary_text, recompute_counts
 from lynxpipe.report.tables import (
-    COLUMNS,
+    NARROW,
+    WIDE,
+    headline,
     plan_json_summary,
     plans_markdown,
     plans_table,
@@ -100,11 +102,12 @@ def test_json_summary(plans: list[Plan]) -> None:
 
 def test_tables_have_one_row_per_plan(plans: list[Plan]) -> None:
     table = plans_table(plans, "t")
-    assert table.row_count == len(plans) and len(table.columns) == len(COLUMNS)
+    assert table.row_count == len(plans) and len(table.columns) == len(NARROW)
+    assert len(plans_table(plans, wide=True).columns) == len(WIDE)
     lines = plans_markdown(plans).strip().splitlines()
     assert len(lines) == 2 + len(plans)
-    assert all(line.count("|") == len(COLUMNS) + 1 for line in lines)
-    # per-stage activation column, e.g. "0.0/0.0"
+    assert all(line.count("|") == len(WIDE) + 1 for line in lines)
+    # per-stage activation column, e.g. "1.3/0.9"
     assert all(cell.count("/") == 1 for cell in
                (line.split("|")[5].strip() for line in lines[2:]))
 

@@ -102,6 +102,15 @@ class CostTable:
     """Usable fraction of a communication window for overlapped compute."""
     grad_buffer_bytes: int = 0
     """Receive buffer of an output gradient, held from RECV_B until its backward ends."""
+    device: str = ""
+    """Device a measured table was timed on (cpu, cuda, ...); "" for the analytic model."""
+
+    def label(self, cluster: str) -> str:
+        """Where the times come from, for titles: `measured profile, cpu` or `analytic,
+        a100-pcie` (the cluster whose datasheet the analytic model used)."""
+        if self.source == "measured":
+            return f"measured profile, {self.device or 'unknown device'}"
+        return f"analytic, {cluster}"
 
 
 def _roofline_ms(flops: float, nbytes: float, cluster: ClusterSpec) -> float:
