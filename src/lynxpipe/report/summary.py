@@ -8,7 +8,7 @@ from lynxpipe.plan.types import Plan
 from lynxpipe.report.tables import per_stage, setup_line
 from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import ON_DEMAND, display_order
-from lynxpipe.units import format_ms, in_unit, size_unit
+from lynxpipe.units import format_ms, format_size, in_unit, size_unit
 
 # Order in which window kinds are listed: earliest in the step first, exposed last.
 
@@ -73,14 +73,14 @@ def _prediction_lines(plan: Plan) -> list[str]:
     p = plan.predicted
     fits = "fits" if p.fits_budget else "DOES NOT FIT"
     reserve = plan.reserve_bytes
-    unit = size_unit(max([plan.budget_bytes, *p.peak_memory_bytes]))[0]
+    unit = size_unit(max(p.peak_memory_bytes, default=0))[0]
     lines = [
         f"predicted step time {format_ms(p.step_time_ms)} ms, {p.tokens_per_s:,.0f} tokens/s, "
         f"{p.model_tflops_per_device:.1f} model TFLOP/s per device",
         f"peak memory per pipeline rank ({unit}): {per_stage(p.peak_memory_bytes, unit)} "
         f"(activations {per_stage(p.peak_activation_bytes, unit)}"
         f"{f', reserve {in_unit(reserve, unit)}' if reserve else ''}); "
-        f"budget {in_unit(plan.budget_bytes, unit)} {unit}: {fits}",
+        f"budget {format_size(plan.budget_bytes)}: {fits}",
         f"recompute exposed {format_ms(p.recompute_exposed_ms)} ms, hidden "
         f"{format_ms(p.recompute_hidden_ms)} ms (slowest rank)",
     ]
