@@ -143,6 +143,9 @@ def _resolve_plan(ctx: typer.Context, spec: SpecArgs, policy: str | None,
         made = workflow.plan_policy(policy or workflow.DEFAULT_POLICY, req, strict=True)
         return training_plan(made, "", device)
     plan, costs = load_plan_flags(ctx, spec, plan_file)
+    if plan.cost_source == "measured" and costs.source != "measured":
+        raise LynxError(f"{plan_file}: the plan was made with a measured profile; give the same "
+                        f"--profile, so that it is checked against the costs it was made with")
     plan = workflow.resimulate(plan, costs, trace=False)[0]
     return training_plan(plan, str(plan_file), device)
 

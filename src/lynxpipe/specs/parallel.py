@@ -15,9 +15,10 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 # Size limits. Planning and simulating take time and memory linear in layers x micro-batches
 # (every F/B of every layer of every micro-batch is an event): `compare` of all eight policies
-# measured ~1.6-2 ms per (layer, micro-batch) on 2 cores, so at the product limit it ends
-# within about a minute in ~300 MB (a lone plan or simulate within ~20 s). Past 256 layers
-# lynx-opt's MILP and full-block's search grow faster than linearly (1920 layers: 10 GB).
+# measured 2-3 ms per (layer, micro-batch) on 2 shared cores, so at the product limit it ends
+# in 60-90 s and ~300 MB (256 x 128 and 32 x 1024), one policy's plan or simulate within ~30 s.
+# Past 256 layers lynx-opt's MILP and full-block's search grow faster than linearly (1920
+# layers took 10 GB).
 MAX_LAYERS = 256
 """Most transformer layers planned (the largest published models have ~130)."""
 MAX_MICROBATCHES = 1024

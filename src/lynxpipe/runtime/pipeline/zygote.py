@@ -100,8 +100,10 @@ def zygote_main(world: int, job_path: str, run_dir: Path) -> int:
     except Exception as exc:  # noqa: BLE001 - torch missing or broken: the launcher says so
         from lynxpipe.runtime.pipeline.health import Health
 
-        Health(0, str(run_dir)).failed(exc)
-        for rank in range(world):
+        for rank in range(world):  # every rank died of it: the launcher names rank 0
+            health = Health(rank, str(run_dir))
+            health.failed(exc)
+            health.close()
             _write(run_dir / f"exit-{rank}", "1")
         return 1
 
