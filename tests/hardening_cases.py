@@ -83,6 +83,7 @@ CONFIGS: dict[str, Any] = {
     "hf_huge": {**GPT2, "n_layer": 10**12},
     "hf_100k": {**GPT2, "n_layer": 100_000},
     "hf_bool": {**GPT2, "n_head": True},
+    "hf_huge_dropout": {**GPT2, "attn_pdrop": 10**400},
     "cluster_nan_flops": {**CLUSTER, "peak_flops_per_s": float("nan")},
     "cluster_inf_flops": {**CLUSTER, "peak_flops_per_s": float("inf")},
     "cluster_dpn": {**CLUSTER, "devices_per_node": 2.5},
@@ -152,6 +153,7 @@ ERROR_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("simulate", "--model", "@hf_list"), ("JSON object", "list")),
     (("simulate", "--model", "@hf_null"), ("JSON object", "null")),
     (("simulate", "--model", "@hf_bool"), ("n_head=True",)),
+    (("simulate", "--model", "@hf_huge_dropout"), ("attn_pdrop=1000", "finite")),
     # sizes with no bound on time or memory
     (("simulate", "--model", "@hf_huge", "--tp", "1", "--pp", "1"), ("limit of 256 layers",)),
     (("compare", "--model", "@hf_100k", "--tp", "1", "--pp", "1"), ("limit of 256 layers",)),

@@ -31,7 +31,7 @@ SIBLING_ARTIFACTS = {("lynxpipe.runtime", "lynxpipe.plan.types")}
 PURE_PARTS = ("lynxpipe.specs", "lynxpipe.schedule", "lynxpipe.cost", "lynxpipe.sim",
               "lynxpipe.plan", "lynxpipe.report", "lynxpipe.workflow", "lynxpipe.cli",
               "lynxpipe.testbed", "lynxpipe.runtime.train.job", "lynxpipe.runtime.train.result",
-              "lynxpipe.profile.run")
+              "lynxpipe.runtime.train.preflight", "lynxpipe.profile.run")
 """Modules that must import without torch (torch lives in the profiler and the runtime)."""
 
 

@@ -294,6 +294,28 @@ def test_resume_after_a_crash_gives_the_same_loss_curve(tmp_path: Path) -> None:
     assert _losses(tmp_path / "resumed.json") == _losses(tmp_path / "straight.json")[2:]
 
 
+def test_ctrl_c_stops_every_rank_and_names_the_resume_command(tmp_path: Path) -> None:
+    import signal
+
+    ckpt = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "lynxpipe.cli", "train", *SPECS, "--steps", "500",
+           "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--out",
+           str(tmp_path / "run.json")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    deadline = time.monotonic() + 90
+    while not (ckpt / "latest.json").exists() and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: interrupted; the last checkpoint is ") and \
+        f"--checkpoint-dir {ckpt}" in line and line.endswith("--resume")
+    assert _leftovers(tmp_path) == []
+
+
 def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     start = time.monotonic()
     hung = _train(*SPECS, "--steps", "3", "--timeout", "6", "--out", str(tmp_path / "run.json"),

@@ -36,8 +36,11 @@ def integer(value: Any, what: str, lo: int = 1, hi: int = MAX_INT) -> int:
 def number(value: Any, what: str, lo: float | None = None, hi: float | None = None, *,
            lo_open: bool = False, hi_open: bool = False) -> float:
     """`value` as a finite float within the given bounds (open or closed)."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value))
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    try:
+        ok = ok and math.isfinite(value)
+    except OverflowError:  # an int past the float range (10**400 in a JSON file)
+        ok = False
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
