@@ -193,6 +193,9 @@ ERROR_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     # train flags
     (("train", "--lr", "nan"), ("--lr=nan",)),
     (("train", "--lr", "-1"), ("--lr=-1",)),
+    (("train", "--seed", "1" + "0" * 20), ("--seed=", "integer")),
+    (("train", "--checkpoint-every", "-1", "--checkpoint-dir", "@out"),
+     ("--checkpoint-every=-1",)),
     (("train", "--timeout", "inf"), ("--timeout=inf",)),
     (("train", "--model", "gpt-22b", "--tp", "4", "--pp", "4", "--budget", "28GiB"),
      ("22,062M parameters", "--force")),

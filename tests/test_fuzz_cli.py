@@ -55,10 +55,20 @@ class TimeLimit(BaseException):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    root = tmp_path_factory.mktemp("fuzz")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("lynxpipe.runtime.pipeline.launch.launch", lambda job, emulate="": None)
+        patch.setattr("lynxpipe.runtime.pipeline.launch.launch",
+                      lambda job, emulate="": _as_ranks_read_it(job, root))
         patch.setattr("lynxpipe.testbed.netns.up", _no_cluster)
-        yield make_files(tmp_path_factory.mktemp("fuzz"))
+        yield make_files(root)
+
+
+def _as_ranks_read_it(job: Any, root: Path) -> None:
+    """In place of starting ranks: write job.json and read it back as every rank would, so a
+    value that passed the checks but breaks a rank's load is still found."""
+    from lynxpipe.runtime.train.job import load_job, save_job
+
+    assert load_job(save_job(root / "job.json", job)) == job
 
 
 def _no_cluster(cluster: Any) -> Any:

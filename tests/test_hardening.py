@@ -244,11 +244,11 @@ def test_written_json_files_are_readable_by_others(tmp_path: Path) -> None:
     assert expect == 0o666 & ~_umask()
     result = runner.invoke(app, ["plan", *PLAN_SPECS, "--out", str(tmp_path / "plan.json")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["compare", *PLAN_SPECS, "--policies", "none,full",
+    result = runner.invoke(app, ["compare", *PLAN_SPECS, "--policies", "full",
                                  "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     written = [tmp_path / "plan.json", tmp_path / "cmp" / "compare.json",
-               tmp_path / "cmp" / "none" / "result.json"]
+               tmp_path / "cmp" / "full" / "result.json"]
     assert all(p.stat().st_mode & 0o777 == expect for p in written)
 
 

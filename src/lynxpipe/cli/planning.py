@@ -29,7 +29,8 @@ from lynxpipe.report.tables import plan_json_summary, spec_header
 from lynxpipe.units import format_size
 
 PlanIn = Annotated[Optional[Path], typer.Option(
-    "--plan", dir_okay=False, help="Re-simulate this plan.json (its own specs).")]
+    "--plan", dir_okay=False,
+    help="Re-simulate this plan.json (its own specs; spec flags given with it must agree).")]
 PoliciesOpt = Annotated[Optional[str], typer.Option(
     "--policies", help="Comma-separated policies (default: every registered one).")]
 CompareIn = Annotated[Optional[Path], typer.Option(

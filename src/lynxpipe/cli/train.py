@@ -87,7 +87,7 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
     from lynxpipe.runtime.train import preflight
     from lynxpipe.runtime.train.job import TrainJob, check_options
 
-    check_options(steps=steps, lr=lr, data=data, device=device, timeout_s=timeout,
+    check_options(steps=steps, seed=seed, lr=lr, data=data, device=device, timeout_s=timeout,
                   checkpoint_every=checkpoint_every, resume=resume,
                   checkpoint_dir=checkpoint_dir, emulate=emulate)
     torchrun = under_torchrun()

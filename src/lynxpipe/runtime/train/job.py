@@ -82,19 +82,19 @@ def training_plan(plan: Plan, source: str, device: str) -> Plan:
     return plan
 
 
-def check_options(*, steps: int, lr: float, data: str, device: str, timeout_s: float,
-                  checkpoint_every: int, resume: bool, checkpoint_dir: object,
+def check_options(*, steps: int, seed: int, lr: float, data: str, device: str,
+                  timeout_s: float, checkpoint_every: int, resume: bool, checkpoint_dir: object,
                   emulate: str | None) -> None:
     """Validate `lynxpipe train` flags that the specs do not cover."""
     integer(steps, "--steps")
+    integer(seed, "--seed", 0)  # job.json carries it to the ranks: at most 2**53
     number(lr, "--lr", 0.0, lo_open=True)
     if data not in ("synthetic", "corpus"):
         raise LynxError(f"--data {data!r} must be synthetic or corpus")
     if device not in ("cpu", "cuda"):
         raise LynxError(f"--device {device!r} must be cpu or cuda")
     number(timeout_s, "--timeout", 0.0, MAX_TIMEOUT_S, lo_open=True)
-    if checkpoint_every < 0:
-        raise LynxError(f"--checkpoint-every {checkpoint_every} must be >= 0")
+    integer(checkpoint_every, "--checkpoint-every", 0)
     if (resume or checkpoint_every) and not checkpoint_dir:
         raise LynxError("--resume and --checkpoint-every need --checkpoint-dir")
     if emulate is not None:
