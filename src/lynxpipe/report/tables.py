@@ -27,6 +27,11 @@ COLUMNS = WIDE
 _LEFT = frozenset({"policy", "peak act. per stage ({u})", "fits", "fits budget"})
 
 
+def gib(nbytes: float) -> str:
+    """Bytes as GiB with one decimal (paper-scale reports, where every figure is GiB-sized)."""
+    return in_unit(nbytes, "GiB")
+
+
 def memory_unit(plans: Sequence[Plan]) -> str:
     """One binary unit for every memory figure of a table: the largest peak decides."""
     most = max((b for p in plans for b in p.predicted.peak_memory_bytes), default=0)
