@@ -112,6 +112,9 @@ def load_plan_file(path: Path, profile: Path | None = None) -> tuple[Plan, CostT
     except LynxError as exc:
         raise LynxError(f"{path}: {exc}") from None
     _, costs = load_costs(plan.model, plan.cluster, plan.parallel, profile)
+    if plan.cost_source == "traced" and costs.source != "traced":
+        raise LynxError(f"{path}: the plan was made from a traced block's costs and names its "
+                        f"tensors; give its profile.json with --profile")
     check_plan(plan, costs, str(path))
     return plan, costs
 

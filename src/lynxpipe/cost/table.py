@@ -108,9 +108,9 @@ class CostTable:
     def label(self, cluster: str) -> str:
         """Where the times come from, for titles: `measured profile, cpu` or `analytic,
         a100-pcie` (the cluster whose datasheet the analytic model used)."""
-        if self.source == "measured":
-            return f"measured profile, {self.device or 'unknown device'}"
-        return f"analytic, {cluster}"
+        if self.source == "analytic":
+            return f"analytic, {cluster}"
+        return f"{self.source} profile" + (f", {self.device}" if self.device else "")
 
 
 def _roofline_ms(flops: float, nbytes: float, cluster: ClusterSpec) -> float:
