@@ -139,7 +139,7 @@ ERROR_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("cluster", "up", "--burst", "1e400"), ("--burst", "too large")),
     (("simulate", "--budget", "nan"), ("--budget",)),
     # cluster files
-    (("simulate", "--cluster", "@cluster_nan_flops"), ("peak_flops_per_s=nan", "finite")),
+    (("simulate", "--cluster", "@cluster_nan_flops"), ("peak_flops_per_s=nan", "must be a number in (0,")),
     (("simulate", "--cluster", "@cluster_inf_flops"), ("peak_flops_per_s=inf",)),
     (("simulate", "--cluster", "@cluster_dpn"), ("devices_per_node", "2.5")),
     (("simulate", "--cluster", "@cluster_nan_latency"), ("intra_node_latency_us=nan",)),
@@ -153,7 +153,7 @@ ERROR_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("simulate", "--model", "@hf_list"), ("JSON object", "list")),
     (("simulate", "--model", "@hf_null"), ("JSON object", "null")),
     (("simulate", "--model", "@hf_bool"), ("n_head=True",)),
-    (("simulate", "--model", "@hf_huge_dropout"), ("attn_pdrop=1000", "finite")),
+    (("simulate", "--model", "@hf_huge_dropout"), ("attn_pdrop=1000", "must be a number in [0, 1)")),
     # sizes with no bound on time or memory
     (("simulate", "--model", "@hf_huge", "--tp", "1", "--pp", "1"), ("limit of 256 layers",)),
     (("compare", "--model", "@hf_100k", "--tp", "1", "--pp", "1"), ("limit of 256 layers",)),
@@ -197,7 +197,8 @@ ERROR_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("train", "--checkpoint-every", "-1", "--checkpoint-dir", "@out"),
      ("--checkpoint-every=-1",)),
     (("train", "--timeout", "inf"), ("--timeout=inf",)),
-    (("train", "--model", "gpt-22b", "--tp", "4", "--pp", "4", "--budget", "28GiB"),
+    (("train", "--model", "gpt-22b", "--tp", "4", "--pp", "4", "--budget", "28GiB",
+      "--attention-dropout", "0"),
      ("22,062M parameters", "--force")),
     (("train", "--out", "/proc/no/run.json"), ("--out", "cannot write")),
     (("train", "--checkpoint-dir", "/proc/no-ck", "--checkpoint-every", "1"),

@@ -47,7 +47,8 @@ def number(value: Any, what: str, lo: float | None = None, hi: float | None = No
         ok = value < hi if hi_open else value <= hi
     if not ok:
         bounds = _bounds(lo, hi, lo_open, hi_open)
-        raise LynxError(f"{what}={_show(value)} must be a finite number{bounds}")
+        kind = "a number" if lo is not None and hi is not None else "a finite number"
+        raise LynxError(f"{what}={_show(value)} must be {kind}{bounds}")
     return float(value)
 
 
