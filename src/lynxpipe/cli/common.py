@@ -222,9 +222,8 @@ def _contradictions(name: str, spec: SpecArgs, plan: Plan) -> list[tuple[str, st
     elif name in _LAYOUT_FLAGS:
         pairs = [(getattr(spec, name), getattr(plan.parallel, name))]
     elif name == "cluster":
-        pairs = [(get_cluster(spec.cluster), plan.cluster)]
-        if pairs[0][0] != pairs[0][1]:
-            return [(spec.cluster, plan.cluster.name)]
+        same = get_cluster(spec.cluster) == plan.cluster
+        return [] if same else [(f"cluster {spec.cluster}", f"cluster {plan.cluster.name}")]
     elif name == "devices":
         pairs = [(spec.devices, plan.parallel.devices)]
     elif name in ("budget", "reserve"):
