@@ -31,8 +31,9 @@ SIBLING_ARTIFACTS = {("lynxpipe.runtime", "lynxpipe.plan.types")}
 PURE_PARTS = ("lynxpipe.specs", "lynxpipe.schedule", "lynxpipe.cost", "lynxpipe.sim",
               "lynxpipe.plan", "lynxpipe.report", "lynxpipe.workflow", "lynxpipe.cli",
               "lynxpipe.testbed", "lynxpipe.runtime.train.job", "lynxpipe.runtime.train.result",
-              "lynxpipe.runtime.limits", "lynxpipe.profile.run", "lynxpipe.integrations.megatron",
-              "lynxpipe.integrations.flat", "lynxpipe.integrations.torch_export")
+              "lynxpipe.runtime.limits", "lynxpipe.runtime.train.preflight", "lynxpipe.profile.run",
+              "lynxpipe.integrations.megatron", "lynxpipe.integrations.flat",
+              "lynxpipe.integrations.torch_export")
 """Modules that must import without torch (torch lives in the profiler and the runtime)."""
 
 

@@ -13,7 +13,9 @@ from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.plot import plot_compare, plot_timeline
 from lynxpipe.report.summary import layer_runs, plan_summary_text, recompute_counts
 from lynxpipe.report.tables import (
-    COLUMNS,
+    NARROW,
+    WIDE,
+    headline,
     plan_json_summary,
     plans_markdown,
     plans_table,
@@ -100,11 +102,12 @@ def test_json_summary(plans: list[Plan]) -> None:
 
 def test_tables_have_one_row_per_plan(plans: list[Plan]) -> None:
     table = plans_table(plans, "t")
-    assert table.row_count == len(plans) and len(table.columns) == len(COLUMNS)
+    assert table.row_count == len(plans) and len(table.columns) == len(NARROW)
+    assert len(plans_table(plans, wide=True).columns) == len(WIDE)
     lines = plans_markdown(plans).strip().splitlines()
     assert len(lines) == 2 + len(plans)
-    assert all(line.count("|") == len(COLUMNS) + 1 for line in lines)
-    # per-stage activation column, e.g. "0.0/0.0"
+    assert all(line.count("|") == len(WIDE) + 1 for line in lines)
+    # per-stage activation column, e.g. "1.3/0.9"
     assert all(cell.count("/") == 1 for cell in
                (line.split("|")[5].strip() for line in lines[2:]))
 
@@ -135,3 +138,32 @@ def test_summary_text(plans: list[Plan]) -> None:
     over = replace(none, budget_bytes=1)
     assert "DOES NOT FIT" in plan_summary_text(replace(
         over, predicted=replace(over.predicted, fits_budget=False)))
+
+
+def _timed(plan: Plan, policy: str, step_ms: float, fits: bool = True) -> Plan:
+    return replace(plan, policy=policy,
+                   predicted=replace(plan.predicted, step_time_ms=step_ms, fits_budget=fits))
+
+
+def test_headline_names_the_strongest_fitting_baseline_and_full(plans: list[Plan]) -> None:
+    base = plans[0]
+    rows = [_timed(base, "none", 2900.0, fits=False), _timed(base, "full", 4422.1),
+            _timed(base, "selective", 3132.3), _timed(base, "checkmate", 3200.0),
+            _timed(base, "lynx-opt", 3080.0), _timed(base, "lynx-heu", 3070.9)]
+    assert headline(rows) == ("lynx-heu 3,070.9 ms: 2.0% faster than selective, "
+                              "1.44x faster than full")
+    assert headline([_timed(base, "full", 10.0), _timed(base, "none", 5.0)]) == (
+        "none 5 ms: 2.00x faster than full")
+    assert headline([_timed(base, "lynx-heu", 5.0), _timed(base, "lynx-opt", 5.0)]) == (
+        "lynx-heu 5 ms: the only policy family that fits the budget")
+    assert headline([_timed(base, "none", 5.0, fits=False)]) is None
+
+
+def test_memory_reads_in_a_scaled_unit(plans: list[Plan]) -> None:
+    """gpt-tiny peaks at a few MiB: the table says MiB, with figures that are not 0.0."""
+    header = [c.header for c in plans_table(plans).columns]
+    assert "peak MiB" in header and "peak GiB" not in header
+    cells = list(plans_table(plans).columns[header.index("peak MiB")].cells)
+    assert all(float(c) > 0.5 for c in cells)
+    text = plan_summary_text(plans[0])
+    assert "(MiB)" in text and " 0.0/" not in text

@@ -292,7 +292,8 @@ def test_resume_after_a_crash_gives_the_same_loss_curve(tmp_path: Path) -> None:
     assert "rank 1 failed in step 2" in crash.stderr and "exit code 3" in crash.stderr
     assert len([ln for ln in crash.stderr.splitlines() if ln.startswith("error:")]) == 1
     assert not (tmp_path / "crash.json").exists()
-    assert json.loads((ckpt / "latest.json").read_text()) == {"step": 2}
+    latest = json.loads((ckpt / "latest.json").read_text())
+    assert (latest["step"], latest["seed"], latest["data"]) == (2, 1234, "corpus")
     assert _leftovers(tmp_path) == []
     resumed = _train(*common, "--steps", "4", "--resume", "--out", str(tmp_path / "resumed.json"),
                      tmp=tmp_path)
@@ -300,6 +301,28 @@ def test_resume_after_a_crash_gives_the_same_loss_curve(tmp_path: Path) -> None:
     run = json.loads((tmp_path / "resumed.json").read_text())["data"]
     assert run["first_step"] == 2
     assert _losses(tmp_path / "resumed.json") == _losses(tmp_path / "straight.json")[2:]
+
+
+def test_ctrl_c_stops_every_rank_and_names_the_resume_command(tmp_path: Path) -> None:
+    import signal
+
+    ckpt = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "lynxpipe.cli", "train", *SPECS, "--steps", "500",
+           "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--out",
+           str(tmp_path / "run.json")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    deadline = time.monotonic() + 90
+    while not (ckpt / "latest.json").exists() and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: interrupted; the last checkpoint is ") and \
+        f"--checkpoint-dir {ckpt}" in line and line.endswith("--resume")
+    assert _leftovers(tmp_path) == []
 
 
 def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
@@ -313,7 +336,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
-def test_plan_for_other_specs_is_refused_naming_both_fingerprints(tmp_path: Path) -> None:
+def test_plan_for_other_specs_is_refused_naming_both_values(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from lynxpipe.cli import app
@@ -322,11 +345,11 @@ def test_plan_for_other_specs_is_refused_naming_both_fingerprints(tmp_path: Path
     plan_path = tmp_path / "plan.json"
     made = runner.invoke(app, ["plan", *SPECS[:-1], "--dtype-bytes", "4", "--out", str(plan_path)])
     assert made.exit_code == 0, made.output
-    plan_fp = json.loads(plan_path.read_text())["data"]["fingerprint"]
     other = [a if a != "64" else "128" for a in SPECS[:-3]]  # another sequence length
     refused = runner.invoke(app, ["train", "--plan", str(plan_path), *other])
-    assert refused.exit_code == 2 and plan_fp in refused.stderr
-    assert "seq_len 64 vs 128" in refused.stderr and refused.stderr.count("\n") == 1
+    assert refused.exit_code == 2 and str(plan_path) in refused.stderr
+    assert "--seq-len gives seq_len=128 but the plan has seq_len=64" in refused.stderr
+    assert refused.stderr.count("\n") == 1
     fp16 = runner.invoke(app, ["plan", *SPECS[:-1], "--out", str(tmp_path / "fp16.json")])
     assert fp16.exit_code == 0, fp16.output
     refused = runner.invoke(app, ["train", "--plan", str(tmp_path / "fp16.json")])

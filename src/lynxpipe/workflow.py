@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from lynxpipe.artifact import fingerprint
+from lynxpipe.cost.check import check_costs
 from lynxpipe.cost.table import CostTable, analytic_costs, load_profile, profile_model
 from lynxpipe.errors import LynxError
+from lynxpipe.plan.check import check_plan
 from lynxpipe.plan.finalize import predict
 from lynxpipe.plan.planners import make, smallest_feasible_bytes, too_small
-from lynxpipe.plan.types import Plan, PlanRequest
+from lynxpipe.plan.types import Plan, PlanRequest, load_plan
 from lynxpipe.sim.engine import simulate
 from lynxpipe.sim.result import SimResult
 from lynxpipe.specs import ClusterSpec, ModelSpec, ParallelSpec, validate_layout
@@ -70,6 +72,7 @@ def load_costs(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
     if profile is None:
         return model, analytic_costs(model, cluster, par)
     table = checked_load(load_profile, profile, "profile")
+    check_costs(table, str(profile))
     return model_for_profile(model, par, table, str(profile),
                              (4, 2, 1) if adopt_dtype else ()), table
 
@@ -102,6 +105,24 @@ def build_request(model: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec
     return PlanRequest(model=model, cluster=cluster, parallel=parallel, budget_bytes=budget,
                        costs=costs, partition=partition,  # type: ignore[arg-type]
                        reserve_bytes=reserve_bytes, time_limit_s=time_limit_s)
+
+
+def load_plan_file(path: Path, profile: Path | None = None) -> tuple[Plan, CostTable]:
+    """plan.json, checked: types and fingerprint (`load_plan`), layout and size limits, then
+    every layer, stage, action and window against the graphs it will run on (`check_plan`).
+    `simulate`, `compare` and `train` all read plans here, so they never disagree on what is a
+    valid plan. Costs: the plan's own analytic ones, or `profile` (checked to match)."""
+    plan = checked_load(load_plan, path, "plan")
+    try:
+        validate_layout(plan.model, plan.cluster, plan.parallel)
+    except LynxError as exc:
+        raise LynxError(f"{path}: {exc}") from None
+    _, costs = load_costs(plan.model, plan.cluster, plan.parallel, profile)
+    if plan.cost_source == "traced" and costs.source != "traced":
+        raise LynxError(f"{path}: the plan was made from a traced block's costs and names its "
+                        f"tensors; give its profile.json with --profile")
+    check_plan(plan, costs, str(path))
+    return plan, costs
 
 
 def request_for_plan(plan: Plan, costs: CostTable) -> PlanRequest:

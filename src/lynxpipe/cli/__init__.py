@@ -8,20 +8,30 @@ imports it.
 
 from __future__ import annotations
 
-import sys
+from typing import Annotated
 
 import typer
 
 from lynxpipe.cli import export, planning, profile, train
 from lynxpipe.cli.cluster import cluster_app
-from lynxpipe.cli.common import DEFAULTS, print_error
-from lynxpipe.errors import LynxError
+from lynxpipe.cli.common import DEFAULTS
+from lynxpipe.cli.shell import LynxGroup, version_callback
 
 __all__ = ["DEFAULTS", "app", "main"]
 
 app = typer.Typer(
+    cls=LynxGroup,
     help="Plan, simulate and compare activation recomputation overlapped with communication.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=version_callback, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """Plan, simulate and compare activation recomputation overlapped with communication."""
+
+
 app.command("simulate")(planning.simulate)
 app.command("compare")(planning.compare)
 app.command("plan")(planning.plan)
@@ -32,9 +42,5 @@ app.add_typer(cluster_app, name="cluster")
 
 
 def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except LynxError as exc:  # raised outside a command (e.g. by a sub-app): same contract
-        print_error(str(exc))
-        sys.exit(2)
+    """Console-script entry point (errors: `shell.LynxGroup`, one line each)."""
+    app()

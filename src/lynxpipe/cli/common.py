@@ -12,16 +12,18 @@ import inspect
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Mapping, Optional
 
 import typer
 
 from lynxpipe import workflow
+from lynxpipe.cli.shell import print_error
+from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.planners import PLANNERS
-from lynxpipe.plan.types import PlanRequest
+from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
-from lynxpipe.units import parse_bytes
+from lynxpipe.units import format_bytes, parse_bytes
 
 
 @dataclass(frozen=True)
@@ -109,32 +111,35 @@ class SpecArgs:
                              help="MILP time limit in seconds.")
 
 
-def print_error(message: str) -> None:
-    """One red line on stderr, however many lines the message had."""
-    typer.secho(f"error: {' '.join(message.split())}", fg="red", err=True)
-
-
-def fail(message: str) -> typing.NoReturn:
-    """Print the error and exit with code 2 (the code click uses for usage errors)."""
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """Print the error and exit with `code` (2: the code click uses for usage errors)."""
     print_error(message)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @contextlib.contextmanager
 def lynx_errors() -> Iterator[None]:
-    """Turn LynxError into `fail`; anything else is a bug and keeps its traceback."""
+    """Turn LynxError into `fail` (anything else: `shell.LynxGroup` reports it as a bug)."""
     try:
         yield
     except LynxError as exc:
-        fail(str(exc))
+        fail(str(exc), exc.exit_code)
 
 
-def spec_command(func: Callable[..., None]) -> Callable[..., None]:
-    """Give `func(spec: SpecArgs, ...)` every SpecArgs field as a typer option."""
+def spec_command(func: Callable[..., None] | None = None, *,
+                 defaults: Mapping[str, Any] | None = None) -> Any:
+    """Give `func(spec: SpecArgs, ...)` every SpecArgs field as a typer option; `defaults`
+    replaces some fields' defaults for this command (`train` runs a CPU-sized model)."""
+    if func is None:
+        return functools.partial(spec_command, defaults=defaults)
+    own_defaults = dict(defaults or {})
+    unknown = set(own_defaults) - {f.name for f in fields(SpecArgs)}
+    assert not unknown, f"not spec flags: {unknown}"
     sig = inspect.signature(func, eval_str=True)
     own = [p for name, p in sig.parameters.items() if name != "spec"]
     hints = typing.get_type_hints(SpecArgs)
-    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                               default=own_defaults.get(f.name, f.default),
                                annotation=Annotated[hints[f.name], f.metadata["option"]])
              for f in fields(SpecArgs)]
 
@@ -181,6 +186,81 @@ def build_request(spec: SpecArgs) -> PlanRequest:
         model, cluster, par, budget_bytes=budget, reserve_bytes=_reserve_bytes(spec.reserve),
         profile=spec.profile, partition=spec.partition, time_limit_s=spec.time_limit,
         devices=spec.devices, adopt_profile_dtype=spec.dtype_bytes is None)
+
+
+# -- spec flags given beside --plan ----------------------------------------------------------
+
+_MODEL_SHAPE = ("name", "family", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                "ffn_hidden_size", "vocab_size")
+"""What `--model` says about a model; attention, dropouts and width have flags of their own."""
+_LAYOUT_FLAGS = ("tp", "pp", "dp", "sequence_parallel", "micro_batch_size", "num_microbatches",
+                 "seq_len", "schedule", "virtual_stages", "distributed_optimizer")
+
+
+def given_spec_flags(ctx: typer.Context) -> set[str]:
+    """SpecArgs fields set on the command line (or by environment), not left at default."""
+    given = set()
+    for f in fields(SpecArgs):
+        source = ctx.get_parameter_source(f.name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.add(f.name)
+    return given
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _contradictions(name: str, spec: SpecArgs, plan: Plan) -> list[tuple[str, str]]:
+    """(what the flag says, what the plan has) for every way flag `name` disagrees."""
+    if name == "model":
+        flag_model = get_model(spec.model)
+        return [(f"{k}={getattr(flag_model, k)!r}", f"{k}={getattr(plan.model, k)!r}")
+                for k in _MODEL_SHAPE if getattr(flag_model, k) != getattr(plan.model, k)]
+    if name in ("attention", "attention_dropout", "hidden_dropout", "dtype_bytes"):
+        pairs = [(getattr(spec, name), getattr(plan.model, name))]
+    elif name in _LAYOUT_FLAGS:
+        pairs = [(getattr(spec, name), getattr(plan.parallel, name))]
+    elif name == "cluster":
+        same = get_cluster(spec.cluster) == plan.cluster
+        return [] if same else [(f"cluster {spec.cluster}", f"cluster {plan.cluster.name}")]
+    elif name == "devices":
+        pairs = [(spec.devices, plan.parallel.devices)]
+    elif name in ("budget", "reserve"):
+        flag = (_reserve_bytes(spec.reserve) if name == "reserve"
+                else plan.cluster.device_memory_bytes if spec.budget in (None, "device")
+                else parse_bytes(spec.budget, "--budget"))
+        has = getattr(plan, f"{name}_bytes")
+        return [] if flag == has else [(f"{name} {format_bytes(flag)}",
+                                        f"{name} {format_bytes(has)}")]
+    elif name == "partition":
+        pairs = [(spec.partition, plan.partition_mode)]
+    elif name == "time_limit":
+        pairs = [(spec.time_limit, plan.time_limit_s)]
+    else:  # --profile: costs to simulate with, not a spec of the plan
+        return []
+    return [(f"{name}={a!r}", f"{name}={b!r}") for a, b in pairs if a != b]
+
+
+def check_flags_match_plan(ctx: typer.Context, spec: SpecArgs, plan: Plan, where: str) -> None:
+    """Refuse spec flags that contradict the plan they are given with, naming both values and
+    the fix; a flag that agrees with the plan is fine (scripts may repeat them)."""
+    problems = []
+    for name in sorted(given_spec_flags(ctx)):
+        for said, has in _contradictions(name, spec, plan):
+            problems.append(f"{_flag(name)} gives {said} but the plan has {has}")
+    if problems:
+        raise LynxError(f"{where}: {'; '.join(problems)}; a plan carries its own specs: drop "
+                        f"the flag(s) to use them, or make a plan for the new specs with "
+                        f"`lynxpipe plan`")
+
+
+def load_plan_flags(ctx: typer.Context, spec: SpecArgs, plan_file: Path
+                    ) -> tuple[Plan, CostTable]:
+    """--plan, checked (`workflow.load_plan_file`) and against the spec flags given with it."""
+    plan, costs = workflow.load_plan_file(plan_file, spec.profile)
+    check_flags_match_plan(ctx, spec, plan, str(plan_file))
+    return plan, costs
 
 
 def policy_names(text: str | None) -> list[str]:

@@ -176,8 +176,10 @@ def profile_command(
         _write(out, build_request(dataclasses.replace(spec, profile=None)).costs)
         typer.echo(f"wrote {out} (analytic; add --measure to time this machine)")
         return
+    from lynxpipe.runtime.train.preflight import require_torch
     from lynxpipe.testbed import parse_emulate
 
+    require_torch("profile --measure")
     emu = parse_emulate(emulate) if emulate is not None else None
     dev, _, nbytes = resolve_runtime(device, spec.dtype_bytes)
     req = build_request(dataclasses.replace(spec, profile=None, dtype_bytes=nbytes))

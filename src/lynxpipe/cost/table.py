@@ -108,6 +108,15 @@ class CostTable:
     block: str = ""
     """The block the layer graph was traced from ('' for lynxpipe's reference layer); plans
     made from it drop that block's tensors by their traced names (`wrap_blocks(plan=...)`)."""
+    device: str = ""
+    """Device a measured table was timed on (cpu, cuda, ...); "" for the analytic model."""
+
+    def label(self, cluster: str) -> str:
+        """Where the times come from, for titles: `measured profile, cpu` or `analytic,
+        a100-pcie` (the cluster whose datasheet the analytic model used)."""
+        if self.source == "analytic":
+            return f"analytic, {cluster}"
+        return f"{self.source} profile" + (f", {self.device}" if self.device else "")
 
 
 def _roofline_ms(flops: float, nbytes: float, cluster: ClusterSpec) -> float:

@@ -76,5 +76,5 @@ def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpe
     if model.dtype_bytes == 4:
         bytes_per_param = 8.0 + 8.0 / (par.dp if par.distributed_optimizer else 1)
     return replace(table, optimizer_ms_per_param=m.ops.optimizer_ms_per_param,
-                   bytes_per_param=bytes_per_param)
+                   bytes_per_param=bytes_per_param, device=m.device)
 

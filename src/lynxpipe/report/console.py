@@ -14,16 +14,17 @@ from rich.progress import (
 )
 
 from lynxpipe.plan.types import Plan
-from lynxpipe.report.tables import best_fitting, plans_table, setup_line
+from lynxpipe.report.tables import headline, plans_table, setup_line
 from lynxpipe.specs.cluster import ClusterSpec
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
 
-def stdout_console() -> Console:
-    """A console on stdout; piped output gets a wide table rather than one folded to 80."""
+def stdout_console(wide: bool = True) -> Console:
+    """A console on stdout; piped output is 100 columns wide (200 for `wide` tables) rather
+    than folded to 80."""
     console = Console()
-    return console if console.is_terminal else Console(width=200)
+    return console if console.is_terminal else Console(width=200 if wide else 100)
 
 
 def planning_progress(quiet: bool) -> Progress:
@@ -36,17 +37,13 @@ def planning_progress(quiet: bool) -> Progress:
 
 
 def print_comparison(plans: Sequence[Plan], model: ModelSpec, cluster: ClusterSpec,
-                     par: ParallelSpec, budget_bytes: int) -> None:
-    """The table of every plan, then which fitting policy is fastest and by how much."""
-    console = stdout_console()
-    console.print(plans_table(plans, setup_line(model, cluster, par, budget_bytes)))
-    best = best_fitting(plans)
-    if best is None:
-        return
-    full = next((p for p in plans if p.policy == "full"), None)
-    speedup = ""
-    if full is not None and best.predicted.step_time_ms > 0:
-        ratio = full.predicted.step_time_ms / best.predicted.step_time_ms
-        speedup = f", {ratio:.2f}x faster than full recompute"
-    console.print(f"fastest within the budget: {best.policy} "
-                  f"({best.predicted.step_time_ms:,.1f} ms{speedup})", highlight=False)
+                     par: ParallelSpec, budget_bytes: int, wide: bool = False) -> None:
+    """The table of every plan (100 columns; `wide`: every column), then the headline: the
+    fastest fitting policy against the strongest baseline and full recompute."""
+    console = stdout_console(wide)
+    # the setup line above the table, not as its title: a title wraps at the table's width
+    console.print(setup_line(model, cluster, par, budget_bytes), highlight=False)
+    console.print(plans_table(plans, wide=wide))
+    line = headline(plans)
+    if line is not None:
+        console.print(line, highlight=False)

@@ -40,8 +40,10 @@ def result_payload(plan: Plan) -> dict[str, Any]:
             **plan_json_summary(plan)}
 
 
-def write_simulation(out_dir: str | Path, plan: Plan, sim: SimResult) -> list[Path]:
-    """trace.json, timeline.png and result.json of one simulated plan (sim made with trace)."""
+def write_simulation(out_dir: str | Path, plan: Plan, sim: SimResult,
+                     costs: str = "") -> list[Path]:
+    """trace.json, timeline.png and result.json of one simulated plan (sim made with trace);
+    `costs` names where its times come from (`CostTable.label`), for the plot's title."""
     from lynxpipe.report.plot import (
         plot_timeline,  # matplotlib only when files are wanted
     )
@@ -52,13 +54,13 @@ def write_simulation(out_dir: str | Path, plan: Plan, sim: SimResult) -> list[Pa
     return [
         write_trace(out / "trace.json", sim),
         plot_timeline(sim, out / "timeline.png", title, plan.budget_bytes,
-                      plan.reserve_bytes),
+                      plan.reserve_bytes, costs),
         _json(out / "result.json", result_payload(plan)),
     ]
 
 
 def write_comparison(out_dir: str | Path, payload: dict[str, Any], plans: Sequence[Plan],
-                     sims: Sequence[SimResult]) -> list[Path]:
+                     sims: Sequence[SimResult], costs: str = "") -> list[Path]:
     """compare.json/.md/.png, and each policy's simulation files under `<out>/<policy>/`."""
     from lynxpipe.report.plot import plot_compare
 
@@ -73,5 +75,5 @@ def write_comparison(out_dir: str | Path, payload: dict[str, Any], plans: Sequen
         plot_compare(payload["results"], out / "compare.png", title),
     ]
     for plan, sim in zip(plans, sims):
-        written += write_simulation(out / plan.policy, plan, sim)
+        written += write_simulation(out / plan.policy, plan, sim, costs)
     return written

@@ -11,12 +11,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display, works on headless machines
 
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from lynxpipe.errors import LynxError  # noqa: E402
 from lynxpipe.sim.result import SimResult  # noqa: E402
-
-GIB = 2**30
+from lynxpipe.units import format_ms, format_size, size_unit  # noqa: E402
 
 COLORS: dict[str, str] = {
     "forward": "#4c72b0",
@@ -58,6 +58,11 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
+_MARKED = {"recompute_hidden": "v", "recompute_exposed": "v"}
+"""Categories also marked above their rank: a 24 ms recompute on a 3 s axis is a sliver
+narrower than a pixel, and the marker shows where it is."""
+
+
 def _draw_timeline(ax: Any, sim: SimResult) -> None:
     boxes: dict[tuple[int, str, str], list[tuple[float, float]]] = defaultdict(list)
     for ev in sim.events:
@@ -65,16 +70,26 @@ def _draw_timeline(ax: Any, sim: SimResult) -> None:
     for (rank, stream, cat), spans in boxes.items():
         offset, height = _lane(stream, cat)
         below = cat in _BACKGROUND
+        # a white edge on every box: back-to-back messages stay told apart instead of merging
         ax.broken_barh(spans, (rank + offset, height), facecolors=COLORS.get(cat, "#777777"),
-                       edgecolor="white" if below else "none", linewidth=0.4,
+                       edgecolor="white", linewidth=0.4 if below else 0.3,
                        zorder=1 if below else 2)
+        if cat in _MARKED:
+            ax.scatter([start + dur / 2 for start, dur in spans], [rank - 0.04] * len(spans),
+                       marker=_MARKED[cat], s=14, color=COLORS[cat], edgecolors="black",
+                       linewidths=0.3, zorder=3, clip_on=False)
     num_ranks = len(sim.ranks)
-    ax.set_ylim(num_ranks, -0.1)
+    ax.set_ylim(num_ranks, -0.2)
     ax.set_yticks([r + 0.45 for r in range(num_ranks)], [f"rank {r}" for r in range(num_ranks)])
     ax.set_xlim(0, sim.step_time_ms or 1.0)
+    ax.tick_params(axis="x", labelbottom=True)  # sharex hides them: the top panel needs its own
+    ax.set_xlabel("time (ms)", fontsize=8)
     present = {cat for (_, _, cat) in boxes}
     handles = [Patch(color=c, label=cat.replace("_", " ")) for cat, c in COLORS.items()
                if cat in present]
+    if present & set(_MARKED):
+        handles.append(Line2D([], [], marker="v", linestyle="none", color="#777777",
+                              markeredgecolor="black", label="recompute (marker above rank)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8,
               frameon=False)
     ax.set_title("compute stream (thick; TP waits in its lower half) and p2p stream (thin)",
@@ -82,17 +97,22 @@ def _draw_timeline(ax: Any, sim: SimResult) -> None:
 
 
 def _draw_memory(ax: Any, sim: SimResult, budget_bytes: int | None, reserve_bytes: int) -> None:
+    curves = []
     for rank, timeline in enumerate(sim.memory_timeline):
         base = sim.ranks[rank].static_bytes + reserve_bytes
         times = [0.0] + [t for t, _ in timeline] + [sim.step_time_ms]
-        values = [0] + [b for _, b in timeline]
+        values = [base] + [base + b for _, b in timeline]
         values.append(values[-1])
-        ax.plot(times, [(base + v) / GIB for v in values], drawstyle="steps-post",
-                linewidth=1.0, label=f"rank {rank}")
+        curves.append((rank, times, values))
+    top = max([budget_bytes or 0, *(max(v) for _, _, v in curves)], default=0)
+    unit, scale = size_unit(top)  # MiB for tiny models: never a flat line at 0.0 GiB
+    for rank, times, values in curves:
+        ax.plot(times, [v / scale for v in values], drawstyle="steps-post", linewidth=1.0,
+                label=f"rank {rank}")
     if budget_bytes:
-        ax.axhline(budget_bytes / GIB, color="black", linestyle="--", linewidth=1.0,
+        ax.axhline(budget_bytes / scale, color="black", linestyle="--", linewidth=1.0,
                    label="budget")
-    ax.set_ylabel("device memory (GiB)")
+    ax.set_ylabel(f"device memory ({unit})")
     ax.set_xlabel("time (ms)")
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
@@ -100,16 +120,19 @@ def _draw_memory(ax: Any, sim: SimResult, budget_bytes: int | None, reserve_byte
 
 
 def plot_timeline(sim: SimResult, path: str | Path, title: str,
-                  budget_bytes: int | None = None, reserve_bytes: int = 0) -> Path:
-    """Timeline of every rank (boxes colored by category) over its memory curve, as a PNG."""
+                  budget_bytes: int | None = None, reserve_bytes: int = 0,
+                  costs: str = "") -> Path:
+    """Timeline of every rank (boxes colored by category) over its memory curve, as a PNG;
+    `costs` names where the times come from (`measured profile, cpu`)."""
     num_ranks = max(1, len(sim.ranks))
     fig, (top, bottom) = plt.subplots(
-        2, 1, sharex=True, figsize=(14, 2.0 + 0.55 * num_ranks + 2.8),
-        gridspec_kw={"height_ratios": [max(1.5, 0.55 * num_ranks), 2.8]})
+        2, 1, sharex=True, figsize=(14, 2.4 + 0.55 * num_ranks + 2.8),
+        gridspec_kw={"height_ratios": [max(1.5, 0.55 * num_ranks), 2.8], "hspace": 0.35})
     _draw_timeline(top, sim)
     _draw_memory(bottom, sim, budget_bytes, reserve_bytes)
-    fig.suptitle(f"{title}\nstep {sim.step_time_ms:,.1f} ms", fontsize=10, x=0.01,
-                 horizontalalignment="left")
+    source = f"; costs: {costs}" if costs else ""
+    fig.suptitle(f"{title}\nstep {format_ms(sim.step_time_ms)} ms{source}", fontsize=10,
+                 x=0.01, horizontalalignment="left")
     return _save(fig, path)
 
 
@@ -123,8 +146,8 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str
     times = [float(r["step_time_ms"]) for r in rows]
     bars = ax.bar(names, times, color="#4c72b0", edgecolor="#4c72b0")
     for bar, row in zip(bars, rows):
-        peak = max(row.get("peak_memory_bytes") or [0]) / GIB
-        label = f"{bar.get_height():,.0f} ms\n{peak:.1f} GiB"
+        peak = format_size(max(row.get("peak_memory_bytes") or [0]))
+        label = f"{format_ms(bar.get_height())} ms\n{peak}"
         if not row["fits_budget"]:
             bar.set_facecolor("white")
             bar.set_edgecolor("#d62728")

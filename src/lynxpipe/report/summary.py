@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 from lynxpipe.plan.types import Plan
-from lynxpipe.report.tables import gib, per_stage_gib, setup_line
+from lynxpipe.report.tables import per_stage, setup_line
 from lynxpipe.schedule.policy import LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import ON_DEMAND, display_order
+from lynxpipe.units import format_ms, format_size, in_unit, size_unit
 
 # Order in which window kinds are listed: earliest in the step first, exposed last.
 
@@ -63,8 +64,8 @@ def _recompute_lines(plan: Plan) -> list[str]:
     for rank, (count, stats) in enumerate(zip(counts, plan.predicted.ranks)):
         kinds = sorted(count, key=display_order)
         where = ", ".join(f"{k} x{count[k]}" for k in kinds) or "none"
-        lines.append(f"  rank {rank}: {where}; hidden {stats.recompute_hidden_ms:,.1f} ms, "
-                     f"exposed {stats.recompute_exposed_ms:,.1f} ms")
+        lines.append(f"  rank {rank}: {where}; hidden {format_ms(stats.recompute_hidden_ms)} "
+                     f"ms, exposed {format_ms(stats.recompute_exposed_ms)} ms")
     return lines
 
 
@@ -72,15 +73,16 @@ def _prediction_lines(plan: Plan) -> list[str]:
     p = plan.predicted
     fits = "fits" if p.fits_budget else "DOES NOT FIT"
     reserve = plan.reserve_bytes
+    unit = size_unit(max(p.peak_memory_bytes, default=0))[0]
     lines = [
-        f"predicted step time {p.step_time_ms:,.1f} ms, {p.tokens_per_s:,.0f} tokens/s, "
+        f"predicted step time {format_ms(p.step_time_ms)} ms, {p.tokens_per_s:,.0f} tokens/s, "
         f"{p.model_tflops_per_device:.1f} model TFLOP/s per device",
-        f"peak memory per pipeline rank (GiB): {per_stage_gib(p.peak_memory_bytes)} "
-        f"(activations {per_stage_gib(p.peak_activation_bytes)}"
-        f"{f', reserve {gib(reserve)}' if reserve else ''}); "
-        f"budget {gib(plan.budget_bytes)} GiB: {fits}",
-        f"recompute exposed {p.recompute_exposed_ms:,.1f} ms, hidden "
-        f"{p.recompute_hidden_ms:,.1f} ms (slowest rank)",
+        f"peak memory per pipeline rank ({unit}): {per_stage(p.peak_memory_bytes, unit)} "
+        f"(activations {per_stage(p.peak_activation_bytes, unit)}"
+        f"{f', reserve {in_unit(reserve, unit)}' if reserve else ''}); "
+        f"budget {format_size(plan.budget_bytes)}: {fits}",
+        f"recompute exposed {format_ms(p.recompute_exposed_ms)} ms, hidden "
+        f"{format_ms(p.recompute_hidden_ms)} ms (slowest rank)",
     ]
     gap = f", MIP gap {plan.mip_gap:.2%}" if plan.mip_gap is not None else ""
     lines.append(f"planner time {plan.planner_ms:,.1f} ms{gap}; costs: {plan.cost_source}")

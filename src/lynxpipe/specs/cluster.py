@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lynxpipe.artifact import from_dict, read_json
+from lynxpipe.checks import integer, number, text
 from lynxpipe.errors import LynxError
+from lynxpipe.units import MAX_BYTES
 
 GB = 10**9
 GIB = 2**30
+MAX_RATE = 1e21
+"""Largest FLOP/s or bytes/s accepted (a zetta-unit: 1000x any device): a typo, not a device."""
+MAX_LATENCY_US = 1e9
+"""Largest per-message latency accepted: 1000 s."""
+MAX_DEVICES_PER_NODE = 4096
 
 
 @dataclass(frozen=True)
@@ -42,16 +49,19 @@ class ClusterSpec:
     """Fraction of a communication window usable by overlapped compute (SPEC §4)."""
 
     def __post_init__(self) -> None:
-        for key in ("peak_flops_per_s", "hbm_bytes_per_s", "device_memory_bytes",
-                    "intra_node_bytes_per_s", "inter_node_bytes_per_s", "devices_per_node"):
-            if getattr(self, key) <= 0:
-                raise LynxError(f"cluster {self.name}: {key}={getattr(self, key)!r} must be > 0")
+        where = f"cluster {self.name}"
+        text(self.name, "cluster name")
+        # NaN compares false with everything: every number goes through `number`, or a NaN
+        # FLOP/s reaches the MILP and a NaN latency predicts a 0 ms step
+        for key in ("peak_flops_per_s", "hbm_bytes_per_s", "intra_node_bytes_per_s",
+                    "inter_node_bytes_per_s"):
+            number(getattr(self, key), f"{where}: {key}", 0.0, MAX_RATE, lo_open=True)
         for key in ("compute_efficiency", "memory_efficiency", "contention"):
-            if not 0.0 < getattr(self, key) <= 1.0:
-                raise LynxError(f"cluster {self.name}: {key}={getattr(self, key)!r} must be in (0, 1]")
+            number(getattr(self, key), f"{where}: {key}", 0.0, 1.0, lo_open=True)
         for key in ("intra_node_latency_us", "inter_node_latency_us"):
-            if getattr(self, key) < 0:
-                raise LynxError(f"cluster {self.name}: {key}={getattr(self, key)!r} must be >= 0")
+            number(getattr(self, key), f"{where}: {key}", 0.0, MAX_LATENCY_US)
+        integer(self.device_memory_bytes, f"{where}: device_memory_bytes", 1, MAX_BYTES)
+        integer(self.devices_per_node, f"{where}: devices_per_node", 1, MAX_DEVICES_PER_NODE)
 
 
 CLUSTER_PRESETS: dict[str, ClusterSpec] = {
@@ -119,13 +129,7 @@ def get_cluster(name: str) -> ClusterSpec:
     """Return a preset, or load a ClusterSpec JSON file (same keys as the dataclass)."""
     if name in CLUSTER_PRESETS:
         return CLUSTER_PRESETS[name]
-    if Path(name).is_file():
-        from lynxpipe.artifact import from_dict
-
-        try:
-            data = json.loads(Path(name).read_text())
-        except json.JSONDecodeError as exc:
-            raise LynxError(f"{name}: not valid JSON ({exc})") from None
-        return from_dict(ClusterSpec, data, f"cluster file {name}")
+    if Path(name).exists():
+        return from_dict(ClusterSpec, read_json(name, "cluster JSON"), f"cluster file {name}")
     raise LynxError(f"unknown cluster {name!r}; use a preset ({', '.join(CLUSTER_PRESETS)}) "
                     f"or a cluster JSON file")

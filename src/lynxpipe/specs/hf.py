@@ -8,12 +8,12 @@ implementation `sdpa`, `flash_attention_2`/`_3` or `flex_attention` means fused 
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lynxpipe.artifact import read_json
+from lynxpipe.checks import integer, probability
 from lynxpipe.errors import LynxError
 from lynxpipe.specs.families import FAMILIES, family_of_hf
 from lynxpipe.specs.model import ModelSpec
@@ -34,16 +34,10 @@ class _Fields:
             value = default
         if value is None:
             raise LynxError(f"{self.where}: missing key {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise LynxError(f"{self.where}: {key}={value!r} must be a positive integer")
-        return value
+        return integer(value, f"{self.where}: {key}")
 
     def prob(self, key: str, default: float) -> float:
-        value = self.cfg.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or not 0.0 <= value < 1.0:
-            raise LynxError(f"{self.where}: {key}={value!r} must be a number in [0, 1)")
-        return float(value)
+        return probability(self.cfg.get(key, default), f"{self.where}: {key}")
 
 
 def _gpt2(f: _Fields) -> dict[str, Any]:
@@ -80,14 +74,7 @@ def attention_of(cfg: dict[str, Any], where: str) -> str:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise LynxError(f"{path}: is a directory; give the path of its config.json")
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise LynxError(f"{path}: not UTF-8 text; a config.json is JSON text") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LynxError(f"{path}: cannot read config.json ({exc})") from None
+    cfg = read_json(path, "config.json")
     if not isinstance(cfg, dict):
         raise LynxError(f"{path}: a config.json holds a JSON object, not "
                         f"{type(cfg).__name__ if cfg is not None else 'null'}")

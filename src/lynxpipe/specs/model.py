@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from lynxpipe.checks import integer, probability, text
 from lynxpipe.errors import LynxError
 from lynxpipe.specs.families import FAMILIES, Family, get_family
 
 Attention = Literal["fused", "explicit"]
 ATTENTION_KINDS: tuple[str, ...] = ("fused", "explicit")
+DTYPE_BYTES = (1, 2, 4)
+"""Activation widths: fp8, fp16/bf16, fp32."""
 
 
 @dataclass(frozen=True)
@@ -47,28 +49,27 @@ class ModelSpec:
     """Bytes per activation element (2 for fp16/bf16)."""
 
     def __post_init__(self) -> None:
+        where = f"model {self.name}"
+        text(self.name, "model name")
         for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                    "ffn_hidden_size", "vocab_size", "dtype_bytes"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LynxError(f"model {self.name}: {key}={value!r} must be a positive integer")
+                    "ffn_hidden_size", "vocab_size"):
+            integer(getattr(self, key), f"{where}: {key}")
+        if self.dtype_bytes not in DTYPE_BYTES or isinstance(self.dtype_bytes, bool):
+            raise LynxError(f"{where}: dtype_bytes={self.dtype_bytes!r} must be 1, 2 or 4")
         if self.family not in FAMILIES:
-            raise LynxError(f"model {self.name}: family={self.family!r} is not a known model "
+            raise LynxError(f"{where}: family={self.family!r} is not a known model "
                             f"family; known: {', '.join(FAMILIES)}")
         if self.hidden_size % self.num_heads:
-            raise LynxError(f"model {self.name}: hidden_size={self.hidden_size} is not divisible "
+            raise LynxError(f"{where}: hidden_size={self.hidden_size} is not divisible "
                             f"by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise LynxError(f"model {self.name}: num_heads={self.num_heads} is not divisible "
+            raise LynxError(f"{where}: num_heads={self.num_heads} is not divisible "
                             f"by num_kv_heads={self.num_kv_heads}")
         if self.attention not in ATTENTION_KINDS:
-            raise LynxError(f"model {self.name}: attention={self.attention!r} must be one of "
+            raise LynxError(f"{where}: attention={self.attention!r} must be one of "
                             f"{', '.join(ATTENTION_KINDS)}")
         for key in ("attention_dropout", "hidden_dropout"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or not 0.0 <= value < 1.0:
-                raise LynxError(f"model {self.name}: {key}={value!r} must be a number in [0, 1)")
+            probability(getattr(self, key), f"{where}: {key}")
 
     @property
     def head_dim(self) -> int:

@@ -5,12 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from lynxpipe.checks import integer
 from lynxpipe.errors import LynxError
 from lynxpipe.specs.cluster import ClusterSpec
 from lynxpipe.specs.model import ModelSpec
 
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+# Size limits. Planning and simulating take time and memory linear in layers x micro-batches
+# (every F/B of every layer of every micro-batch is an event): `compare` of all eight policies
+# measured 2-3 ms per (layer, micro-batch) on 2 shared cores, so at the product limit it ends
+# in 60-90 s and ~300 MB (256 x 128 and 32 x 1024), one policy's plan or simulate within ~30 s.
+# Past 256 layers lynx-opt's MILP and full-block's search grow faster than linearly (1920
+# layers took 10 GB).
+MAX_LAYERS = 256
+"""Most transformer layers planned (the largest published models have ~130)."""
+MAX_MICROBATCHES = 1024
+"""Most micro-batches per step planned."""
+MAX_LAYER_MICROBATCHES = 32768
+"""Most layers x micro-batches per step (e.g. 48 x 682, 256 x 128)."""
 
 
 @dataclass(frozen=True)
@@ -41,9 +55,10 @@ class ParallelSpec:
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "dp", "micro_batch_size", "num_microbatches", "seq_len",
                     "virtual_stages"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LynxError(f"{key}={value!r} must be a positive integer")
+            integer(getattr(self, key), key)
+        for key in ("sequence_parallel", "distributed_optimizer"):
+            if not isinstance(getattr(self, key), bool):
+                raise LynxError(f"{key}={getattr(self, key)!r} must be true or false")
         if self.schedule not in SCHEDULES:
             raise LynxError(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
         if self.schedule != "interleaved" and self.virtual_stages != 1:
@@ -71,6 +86,7 @@ class ParallelSpec:
 def validate_layout(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
                     devices: int | None = None) -> None:
     """Raise LynxError with the rule that `par` breaks for this model/cluster, if any."""
+    check_size(model, par)
     if model.num_heads % par.tp:
         raise LynxError(f"tp={par.tp} does not divide num_heads={model.num_heads} of {model.name}; "
                         f"choose tp among the divisors of {model.num_heads}")
@@ -91,3 +107,21 @@ def validate_layout(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
     if par.tp > cluster.devices_per_node:
         raise LynxError(f"tp={par.tp} exceeds devices_per_node={cluster.devices_per_node} of "
                         f"{cluster.name}; keep tensor parallelism inside a node")
+
+
+def check_size(model: ModelSpec, par: ParallelSpec) -> None:
+    """Refuse, before any work, sizes whose planning would run for minutes or exhaust memory."""
+    why = ("planning and simulating take time and memory linear in layers x micro-batches; "
+           "a step's figures scale, so plan a representative depth")
+    if model.num_layers > MAX_LAYERS:
+        raise LynxError(f"num_layers={model.num_layers} of {model.name} is over the limit of "
+                        f"{MAX_LAYERS} layers: {why}")
+    if par.num_microbatches > MAX_MICROBATCHES:
+        raise LynxError(f"num_microbatches={par.num_microbatches} is over the limit of "
+                        f"{MAX_MICROBATCHES}: {why}; the steady state repeats every pp "
+                        f"micro-batches, so a few times pp is representative")
+    if model.num_layers * par.num_microbatches > MAX_LAYER_MICROBATCHES:
+        raise LynxError(f"num_layers x num_microbatches = {model.num_layers} x "
+                        f"{par.num_microbatches} is over the limit of {MAX_LAYER_MICROBATCHES}: "
+                        f"{why}; use fewer micro-batches (at most "
+                        f"{MAX_LAYER_MICROBATCHES // model.num_layers})")

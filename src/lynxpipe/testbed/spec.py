@@ -20,6 +20,10 @@ from lynxpipe.errors import LynxError
 SUBNET = "10.213"
 DEFAULT_LATENCY_MS = 20.0
 MAX_RANKS = 250
+MAX_RATE_MBIT = 1e7
+"""Fastest link tc is asked for (10 Tbit/s); beyond it a rate is a typo."""
+MAX_LATENCY_MS = 60e3
+MAX_BURST_BYTES = 2**30
 LinkKind = Literal["tp", "pp", "other"]
 HTB_HEADROOM = 10.0
 _BANDS: dict[LinkKind, int] = {"tp": 1, "pp": 2, "other": 3}
@@ -64,12 +68,14 @@ class EmulatedCluster:
             raise LynxError(f"cluster_id={self.cluster_id!r} must be an integer in 0..255")
         for key in ("rate_mbit", "tp_rate_mbit", "pp_rate_mbit"):
             value = getattr(self, key)
-            if value is not None and not value >= 0.001:  # tc takes whole kbit
-                raise LynxError(f"{key}={value!r} must be at least 0.001 (1 kbit/s)")
-        if not self.latency_ms > 0:
-            raise LynxError(f"latency_ms={self.latency_ms!r} must be positive")
-        if self.burst_bytes is not None and self.burst_bytes < 2048:
-            raise LynxError(f"burst_bytes={self.burst_bytes} must be >= 2048 (one full packet)")
+            if value is not None and not 0.001 <= value <= MAX_RATE_MBIT:  # tc: whole kbit
+                raise LynxError(f"{key}={value!r} must be in 0.001..{MAX_RATE_MBIT:g} Mbit/s "
+                                f"(1 kbit/s to 10 Tbit/s)")
+        if not 0 < self.latency_ms <= MAX_LATENCY_MS:
+            raise LynxError(f"latency_ms={self.latency_ms!r} must be in (0, 60000] ms")
+        if self.burst_bytes is not None and not 2048 <= self.burst_bytes <= MAX_BURST_BYTES:
+            raise LynxError(f"burst_bytes={self.burst_bytes} must be in 2048..2**30 (one full "
+                            f"packet to 1 GiB)")
         if self.num_ranks % (self.tp_size * self.pp_size):
             raise LynxError(f"tp_size*pp_size={self.tp_size}*{self.pp_size} must divide "
                             f"num_ranks={self.num_ranks}")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from lynxpipe.errors import LynxError
+from lynxpipe.errors import DEBUG_ENV, LynxError
 from lynxpipe.runtime.pipeline.health import (
     FAULT_ENV,
     RUN_DIR_ENV,
@@ -305,9 +305,10 @@ def worker_main(args: Sequence[str]) -> int:
         run_worker(load_job(args[0]))
     except BaseException as exc:  # noqa: BLE001 - every failure must become an exit code
         kind = classify(exc)
-        if kind == "error" and not isinstance(exc, LynxError):
+        if kind == "error" and not isinstance(exc, LynxError) and os.environ.get(DEBUG_ENV):
             traceback.print_exc()
-        print(f"rank {rank}: {short_error(exc)}", file=sys.stderr)
+        if not os.environ.get(RUN_DIR_ENV):  # torchrun: no launcher reports it, so say it here
+            print(f"rank {rank}: {short_error(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -95,7 +95,17 @@ def _child(rank: int, world: int, job_path: str, parent: int) -> None:
 
 def zygote_main(world: int, job_path: str, run_dir: Path) -> int:
     """Import the runtime, fork `world` ranks, reap them writing their exit codes."""
-    import lynxpipe.runtime.train.worker  # noqa: F401  (the expensive import, once)
+    try:
+        import lynxpipe.runtime.train.worker  # noqa: F401  (the expensive import, once)
+    except Exception as exc:  # noqa: BLE001 - torch missing or broken: the launcher says so
+        from lynxpipe.runtime.pipeline.health import Health
+
+        for rank in range(world):  # every rank died of it: the launcher names rank 0
+            health = Health(rank, str(run_dir))
+            health.failed(exc)
+            health.close()
+            _write(run_dir / f"exit-{rank}", "1")
+        return 1
 
     me, children = os.getpid(), {}
     for rank in range(world):

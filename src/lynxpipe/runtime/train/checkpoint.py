@@ -3,12 +3,13 @@
 Layout: `<dir>/step-00000002/rank-00001.pt` per rank (temp file + os.replace), then, once every
 rank has written (a barrier), rank 0 points `<dir>/latest.json` at the step (also atomic). A
 crash at any moment leaves `latest.json` naming a complete checkpoint. Older step directories
-beyond the newest `KEEP` are pruned by rank 0.
+beyond the newest `KEEP` are pruned by rank 0. latest.json also records the seed, data and
+learning rate of the run and the weights key (`preflight`), which the launcher checks against
+a `--resume` before starting any rank.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,10 +20,11 @@ from typing import Any
 
 import torch
 
-from lynxpipe.artifact import write_json_atomic
+from lynxpipe.artifact import file_mode, write_json_atomic
 from lynxpipe.errors import LynxError
 from lynxpipe.runtime.model.stage import Stage
 from lynxpipe.runtime.train.optim import AdamW
+from lynxpipe.runtime.train.preflight import read_latest, step_dir
 
 KEEP = 2
 """Checkpoints kept (the newest ones)."""
@@ -38,11 +40,6 @@ class TrainState:
     """Sequences consumed so far by all replicas (batches are a function of the step)."""
     losses: tuple[float, ...]
     """Global loss of every step completed so far."""
-
-
-def step_dir(root: Path, step: int) -> Path:
-    """Directory of the checkpoint after `step` steps."""
-    return root / f"step-{step:08d}"
 
 
 def _rank_file(root: Path, step: int, rank: int) -> Path:
@@ -66,12 +63,13 @@ def _set_rng_state(chunks: Mapping[int, Stage], rng: Mapping[str, Any]) -> None:
         chunks[s].rng.key = tuple(key)
 
 
-def save_rank(root: Path, rank: int, fingerprint: str, state: TrainState,
+def save_rank(root: Path, rank: int, weights: str, state: TrainState,
               chunks: Mapping[int, Stage], optimizer: AdamW) -> Path:
-    """Write this rank's part of the checkpoint after `state.step` steps (atomic)."""
+    """Write this rank's part of the checkpoint after `state.step` steps (atomic); `weights`
+    is the plan's `preflight.weights_key`."""
     path = _rank_file(root, state.step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"fingerprint": fingerprint, "rank": rank, "state": state.__dict__,
+    payload = {"weights": weights, "rank": rank, "state": state.__dict__,
                "model": {s: c.state_dict() for s, c in chunks.items()},
                "optimizer": optimizer.state_dict(), "rng": _rng_state(chunks)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -80,6 +78,7 @@ def save_rank(root: Path, rank: int, fingerprint: str, state: TrainState,
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,37 +86,28 @@ def save_rank(root: Path, rank: int, fingerprint: str, state: TrainState,
     return path
 
 
-def publish(root: Path, step: int) -> None:
-    """Point latest.json at `step` (call on one rank once every rank has saved) and prune."""
-    write_json_atomic(root / "latest.json", {"step": step})
+def publish(root: Path, meta: dict[str, object]) -> None:
+    """Point latest.json at the checkpoint `meta` describes (`preflight.meta_json`; call on one
+    rank once every rank has saved) and prune older ones."""
+    step = int(meta["step"])  # type: ignore[call-overload]
+    write_json_atomic(root / "latest.json", meta)
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[:-KEEP]:
         if old != step_dir(root, step):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_step(root: Path) -> int:
-    """Step of the newest complete checkpoint under `root`."""
-    try:
-        return int(json.loads((root / "latest.json").read_text())["step"])
-    except FileNotFoundError:
-        raise LynxError(f"--resume: no checkpoint in {root} (no latest.json)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LynxError(f"--resume: {root}/latest.json is malformed ({exc})") from None
-
-
-def load_rank(root: Path, rank: int, fingerprint: str, chunks: Mapping[int, Stage],
+def load_rank(root: Path, rank: int, weights: str, chunks: Mapping[int, Stage],
               optimizer: AdamW) -> TrainState:
     """Restore this rank's model, optimizer and RNG states from the newest checkpoint."""
-    step = latest_step(root)
+    step = read_latest(root).step
     path = _rank_file(root, step, rank)
     if not path.exists():
         raise LynxError(f"--resume: {path} is missing (checkpoint of another layout?)")
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload["fingerprint"] != fingerprint:
-        raise LynxError(f"--resume: {path} was written for plan fingerprint "
-                        f"{payload['fingerprint']}, this run's is {fingerprint}; resume with the "
-                        f"same model, cluster, layout and budget")
+    if payload.get("weights") != weights:
+        raise LynxError(f"--resume: {path} holds weights of another model, layout or "
+                        f"partition; resume with the specs it was trained with")
     for s, chunk in chunks.items():
         chunk.load_state_dict(payload["model"][s])
     optimizer.load_state_dict(payload["optimizer"])

@@ -3,15 +3,19 @@ torch): the launcher writes it without importing torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from lynxpipe.artifact import load_artifact, save_artifact
+from lynxpipe.checks import integer, number
 from lynxpipe.errors import LynxError
-from lynxpipe.plan.types import Plan, PlanRequest, plan_fingerprint
+from lynxpipe.plan.types import Plan
 from lynxpipe.runtime.limits import check_runnable
+from lynxpipe.units import format_bytes
 
 JOB_VERSION = 1
+MAX_TIMEOUT_S = 1e6
+"""Longest --timeout (11 days); collectives take 3/4 of it as a timedelta, which has limits."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,58 +67,36 @@ def collective_timeout_s(timeout_s: float) -> float:
     return max(1.0, 0.75 * timeout_s)
 
 
-def _field_diff(old: object, new: object) -> str:
-    """`name old vs new` for every dataclass field that differs."""
-    return ", ".join(f"{f.name} {getattr(old, f.name)!r} vs {getattr(new, f.name)!r}"
-                     for f in fields(old) if getattr(old, f.name) != getattr(new, f.name))
-
-
-def _differences(plan: Plan, req: PlanRequest) -> str:
-    parts = []
-    if plan.model != req.model:
-        parts.append(f"model ({_field_diff(plan.model, req.model)})")
-    if plan.cluster != req.cluster:
-        parts.append(f"cluster ({plan.cluster.name} vs {req.cluster.name})")
-    if plan.parallel != req.parallel:
-        parts.append(f"layout ({_field_diff(plan.parallel, req.parallel)})")
-    if plan.budget_bytes != req.budget_bytes:
-        parts.append(f"budget ({plan.budget_bytes} vs {req.budget_bytes} bytes)")
-    return "; ".join(parts) or "specs"
-
-
-def training_plan(plan: Plan, req: PlanRequest | None, source: str, device: str) -> Plan:
-    """Check a plan against the command line (when spec flags were given) and the device."""
+def training_plan(plan: Plan, source: str, device: str) -> Plan:
+    """Check that the runtime can run `plan` on `device` (its specs were checked on load)."""
     where = f"{source}: " if source else ""
-    if req is not None:
-        expect = plan_fingerprint(req.model, req.cluster, req.parallel, req.budget_bytes)
-        if plan.fingerprint != expect:
-            cpu = " (on CPU with 4-byte activations)" if device == "cpu" else ""
-            raise LynxError(f"{where}plan fingerprint {plan.fingerprint} does not match the "
-                            f"command line's {expect}{cpu}: they differ in "
-                            f"{_differences(plan, req)}; give the flags the plan was made "
-                            f"with, or no spec flags to run the plan's own")
     check_runnable(plan.model)
     if device == "cpu" and plan.model.dtype_bytes != 4:
         raise LynxError(f"{where}the plan was made for {plan.model.dtype_bytes}-byte "
                         f"activations, but the CPU runtime is fp32; make it with `lynxpipe plan "
                         f"--dtype-bytes 4 ...`, or let `lynxpipe train` plan with --policy")
+    if not plan.predicted.fits_budget:
+        peak = max(plan.predicted.peak_memory_bytes)
+        raise LynxError(f"{where}the plan does not fit its budget: it peaks at "
+                        f"{format_bytes(peak)} per device against {format_bytes(plan.budget_bytes)}"
+                        f" (`lynxpipe simulate --plan` shows the same); make one that fits with "
+                        f"`lynxpipe plan`")
     return plan
 
 
-def check_options(*, steps: int, data: str, device: str, timeout_s: float,
-                  checkpoint_every: int, resume: bool, checkpoint_dir: object,
+def check_options(*, steps: int, seed: int, lr: float, data: str, device: str,
+                  timeout_s: float, checkpoint_every: int, resume: bool, checkpoint_dir: object,
                   emulate: str | None) -> None:
     """Validate `lynxpipe train` flags that the specs do not cover."""
-    if steps < 1:
-        raise LynxError(f"--steps {steps} must be >= 1")
+    integer(steps, "--steps")
+    integer(seed, "--seed", 0)  # job.json carries it to the ranks: at most 2**53
+    number(lr, "--lr", 0.0, lo_open=True)
     if data not in ("synthetic", "corpus"):
         raise LynxError(f"--data {data!r} must be synthetic or corpus")
     if device not in ("cpu", "cuda"):
         raise LynxError(f"--device {device!r} must be cpu or cuda")
-    if not timeout_s > 0:
-        raise LynxError(f"--timeout {timeout_s} must be > 0 seconds")
-    if checkpoint_every < 0:
-        raise LynxError(f"--checkpoint-every {checkpoint_every} must be >= 0")
+    number(timeout_s, "--timeout", 0.0, MAX_TIMEOUT_S, lo_open=True)
+    integer(checkpoint_every, "--checkpoint-every", 0)
     if (resume or checkpoint_every) and not checkpoint_dir:
         raise LynxError("--resume and --checkpoint-every need --checkpoint-dir")
     if emulate is not None:

@@ -26,6 +26,7 @@ from lynxpipe.runtime.train import checkpoint as ckpt
 from lynxpipe.runtime.train.data import DataSpec, batches
 from lynxpipe.runtime.train.job import TrainJob, collective_timeout_s
 from lynxpipe.runtime.train.optim import AdamW
+from lynxpipe.runtime.train.preflight import meta_json, weights_key
 from lynxpipe.runtime.train.result import save_run
 from lynxpipe.runtime.train.summary import (
     StepTotals,
@@ -125,7 +126,8 @@ def _train(job: TrainJob, groups: ProcessGroups, device: str, health: Health) ->
     if job.resume:
         if root is None:
             raise LynxError("--resume needs --checkpoint-dir")
-        state = ckpt.load_rank(root, groups.rank, plan.fingerprint, setup.chunks, setup.optimizer)
+        state = ckpt.load_rank(root, groups.rank, weights_key(plan), setup.chunks,
+                               setup.optimizer)
     if state.step >= job.steps:
         raise LynxError(f"the checkpoint is at step {state.step}; --steps {job.steps} is the "
                         f"total to reach, so there is nothing left to run")
@@ -143,16 +145,17 @@ def _train(job: TrainJob, groups: ProcessGroups, device: str, health: Health) ->
             state = ckpt.TrainState(step + 1, (step + 1) * data.sequences_per_step(),
                                     state.losses + (totals[-1].loss,))
             if root is not None and job.checkpoint_every and (step + 1) % job.checkpoint_every == 0:
-                _checkpoint(root, groups, plan.fingerprint, state, setup)
+                _checkpoint(root, groups, job, state, setup)
     _report(job, groups, results, totals, first)
 
 
-def _checkpoint(root: Path, groups: ProcessGroups, fingerprint: str, state: ckpt.TrainState,
+def _checkpoint(root: Path, groups: ProcessGroups, job: TrainJob, state: ckpt.TrainState,
                 setup: RankSetup) -> None:
-    ckpt.save_rank(root, groups.rank, fingerprint, state, setup.chunks, setup.optimizer)
+    ckpt.save_rank(root, groups.rank, weights_key(job.plan), state, setup.chunks,
+                   setup.optimizer)
     dist.barrier()
     if groups.rank == 0:
-        ckpt.publish(root, state.step)
+        ckpt.publish(root, meta_json(job.plan, state.step, job.seed, job.data, job.lr))
     dist.barrier()
 
 
