@@ -193,20 +193,29 @@ def main(argv: list[str] | None = None) -> None:
     log = OUT / "run.log"
     log.write_text("")
     start, cells = time.time(), []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
     for layout in args.layouts:
         for rate in args.rates:
             print(f"[{time.time() - start:6.0f}s] {layout} @ {rate}", flush=True)
             cells += measure(layout, rate, args, log)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+            # Saved after every (layout, rate): an hour of measurements survives a late failure.
+            data = _results(args, commit, start, cells, partial=True)
+            write_json_atomic(OUT / "results.partial.json", data)
+    data = _results(args, commit, start, cells, partial=False)
+    write_json_atomic(OUT / "results.json", data)
+    (OUT / "results.partial.json").unlink(missing_ok=True)
+    render(data, OUT, ROOT / "BENCHMARKS.md", update_md=not args.quick)
+
+
+def _results(args: argparse.Namespace, commit: str, start: float, cells: list[Cell],
+             partial: bool) -> dict[str, Any]:
     meta = {"commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "wall_s": time.time() - start, "model": MODEL, "layouts": LAYOUTS,
             "rates": list(args.rates), "budgets": args.budgets, "warmup": args.warmup,
             "steps": args.steps, "rounds": args.rounds, "quick": args.quick,
-            "policies": list(POLICIES)}
-    data = {"meta": meta, "cells": [to_dict(c) for c in cells]}
-    write_json_atomic(OUT / "results.json", data)
-    render(data, OUT, ROOT / "BENCHMARKS.md", update_md=not args.quick)
+            "policies": list(POLICIES), "partial": partial}
+    return {"meta": meta, "cells": [to_dict(c) for c in cells]}
 
 
 if __name__ == "__main__":
