@@ -19,7 +19,8 @@ import numpy as np
 from lynxpipe.cost.memory import RankBudget
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.loop import Solver, assign, tighten_loop
-from lynxpipe.plan.ondemand import count_options, solve_counts
+from lynxpipe.plan.countdp import solve_counts_dp
+from lynxpipe.plan.ondemand import count_options
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.partition import choose_partition, default_partition
 from lynxpipe.plan.period import make_period
@@ -37,13 +38,14 @@ def checkmate_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
 
 
 def exact_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
-    """Counts per option with the simulator's memory at every event of the rank's period."""
+    """Counts per option with the simulator's memory at every event of the rank's period,
+    solved exactly by `countdp` (no MILP: the layers of a stage are identical)."""
     options = count_options(req.costs.layer)
     periods = {r: make_period(req, partition, r, windows=False) for r in range(req.parallel.pp)}
 
     def solve(rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
-        found = solve_counts(options, periods[rb.rank], rb.activation_bytes + rb.extras_bytes
-                             - margin, req.time_limit_s)
+        found = solve_counts_dp(options, periods[rb.rank],
+                                rb.activation_bytes + rb.extras_bytes - margin)
         if found is None:
             return {g: FULL for g in rb.layers}, 0.0
         policies, gap = found

@@ -125,17 +125,19 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
         heu = HeuPlanner(req, partition)
         plan, sim = tighten_loop(req, partition, "lynx-heu", heu.solve, start, place=heu.place,
                                  notes=(f"partition {partition}; keep sets by natural windows",))
-        candidates.append(refine(req, plan, sim))
-    best = _best(candidates)
+        candidates.append((f"window-aware keep sets, partition {partition}",
+                           refine(req, plan, sim)))
+    source, best = _best(candidates)
     if not _at_floor(req, best, uniform):
-        # refinement only keeps what is faster, so each is at least as fast as checkmate there;
-        # off the uniform partition (no guarantee owed) the MILP gets a short time limit
-        candidates += [refine(req, *checkmate_run(
+        # refinement only keeps what is faster, so each is at least as fast as checkmate there
+        # (exact by `countdp` on regular stages, no MILP); off the uniform partition no
+        # guarantee is owed, so an interleaved schedule's knapsack MILP gets a short limit
+        candidates += [(f"checkmate keep sets, partition {partition}", refine(req, *checkmate_run(
             req if partition == uniform else replace(req, time_limit_s=ASIDE_LIMIT_S),
-            partition, "lynx-heu", start, (f"partition {partition}; checkmate keep sets",)))
+            partition, "lynx-heu", start, (f"partition {partition}; checkmate keep sets",))))
             for partition in partitions]
-        best = _best(candidates)
-    return replace(best, planner_ms=1e3 * (time.perf_counter() - start))
+        source, best = _best(candidates)
+    return replace(best, planner_ms=1e3 * (time.perf_counter() - start), chosen_from=source)
 
 
 def _at_floor(req: PlanRequest, plan: Plan, uniform: tuple[int, ...]) -> bool:
@@ -153,7 +155,7 @@ def _at_floor(req: PlanRequest, plan: Plan, uniform: tuple[int, ...]) -> bool:
     return plan.predicted.step_time_ms <= keep.step_time_ms
 
 
-def _best(plans: list[Plan]) -> Plan:
-    """Fastest plan that fits (fastest overall when none fits)."""
-    fitting = [p for p in plans if p.predicted.fits_budget] or plans
-    return min(fitting, key=lambda p: p.predicted.step_time_ms)
+def _best(plans: list[tuple[str, Plan]]) -> tuple[str, Plan]:
+    """Fastest plan that fits (fastest overall when none fits), with where it came from."""
+    fitting = [p for p in plans if p[1].predicted.fits_budget] or plans
+    return min(fitting, key=lambda p: p[1].predicted.step_time_ms)

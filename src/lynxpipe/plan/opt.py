@@ -260,4 +260,5 @@ def plan_lynx_opt(req: PlanRequest) -> Plan:
                       + ("" if p.predicted.fits_budget else " (over budget)") for n, p in found)
     note = f"lynx-opt candidates: {times}; kept the {best_name} plan{skip}"
     return replace(best, policy="lynx-opt", planner_ms=1e3 * (time.perf_counter() - start),
-                   mip_gap=gap, notes=best.notes + (note,))
+                   mip_gap=gap, notes=best.notes + (note,),
+                   chosen_from=f"{best_name} ({best.chosen_from})" if best.chosen_from else best_name)

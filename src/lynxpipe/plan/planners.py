@@ -6,10 +6,14 @@ from collections.abc import Callable
 
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.checkmate import plan_adapipe, plan_checkmate
-from lynxpipe.plan.finalize import make_plan
+from lynxpipe.cost.memory import rank_budgets
+from lynxpipe.plan.countdp import least_budget
+from lynxpipe.plan.finalize import base_order, make_plan
 from lynxpipe.plan.heu import plan_lynx_heu
+from lynxpipe.plan.ondemand import count_options
 from lynxpipe.plan.opt import plan_lynx_opt
 from lynxpipe.plan.partition import default_partition
+from lynxpipe.plan.period import make_period
 from lynxpipe.plan.simple import plan_full, plan_full_block, plan_none, plan_selective
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.policy import LayerPolicy
@@ -46,12 +50,24 @@ def make(policy: str, req: PlanRequest, strict: bool = False) -> Plan:
 
 
 def smallest_feasible_bytes(req: PlanRequest) -> int:
-    """Least per-device memory any plan needs: Megatron full recompute, or dropping every
-    droppable tensor segment by segment (no collective replay, but the outputs of collectives
-    stay), whichever needs less."""
+    """Least per-device memory any plan needs (fit means peak <= budget).
+
+    With one stage per rank it is exact over the whole on-demand option space (every mix of
+    keep/drop options and full recompute per layer, `countdp.least_budget` per rank); windowed
+    recompute only holds regenerated tensors longer, so it never needs less. Interleaved
+    schedules take the leaner of Megatron full recompute and dropping every droppable tensor.
+    """
+    partition = default_partition(req)
+    if req.parallel.virtual_stages == 1:
+        options = count_options(req.costs.layer)
+        order = base_order(req)
+        ranks = rank_budgets(req.costs, partition, order, 0, req.reserve_bytes)
+        # at a zero budget a rank's activation room is -(reserve + static + extras)
+        return max(least_budget(options, make_period(req, partition, rb.rank, windows=False))
+                   - rb.activation_bytes - rb.extras_bytes for rb in ranks)
     drop_all = LayerPolicy(frozenset(t.name for t in req.costs.layer.graph.droppable()))
-    lean, _ = make_plan(req, "drop-all", default_partition(req),
-                        (drop_all,) * req.model.num_layers, None, 0.0)
+    lean, _ = make_plan(req, "drop-all", partition, (drop_all,) * req.model.num_layers, None,
+                        0.0)
     return min(max(plan_full(req).predicted.peak_memory_bytes),
                max(lean.predicted.peak_memory_bytes))
 

@@ -16,7 +16,7 @@ from lynxpipe.specs.cluster import ClusterSpec
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 """2: actions as compact text; reserve, partition mode and solver limit stored."""
 
 
@@ -104,6 +104,10 @@ class Plan:
     """Relative MIP gap of the solver, when a MILP was solved."""
     notes: tuple[str, ...] = ()
     """Human-readable remarks (what the planner decided and why)."""
+    chosen_from: str = ""
+    """Which candidate won when the planner returns the fastest of several (lynx-opt: MILP,
+    lynx-heu, checkmate or full; lynx-heu: its own keep sets or checkmate's, refined into
+    windows); empty for planners with one path."""
 
 
 def plan_fingerprint(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,

@@ -85,7 +85,8 @@ def _prediction_lines(plan: Plan) -> list[str]:
         f"{format_ms(p.recompute_hidden_ms)} ms (slowest rank)",
     ]
     gap = f", MIP gap {plan.mip_gap:.2%}" if plan.mip_gap is not None else ""
-    lines.append(f"planner time {plan.planner_ms:,.1f} ms{gap}; costs: {plan.cost_source}")
+    won = f"; chosen from {plan.chosen_from}" if plan.chosen_from else ""
+    lines.append(f"planner time {plan.planner_ms:,.1f} ms{gap}{won}; costs: {plan.cost_source}")
     return lines
 
 

@@ -136,6 +136,7 @@ def plan_json_summary(plan: Plan) -> dict[str, Any]:
         "fits_budget": p.fits_budget,
         "planner_ms": plan.planner_ms,
         "mip_gap": plan.mip_gap,
+        "chosen_from": plan.chosen_from,
         "budget_bytes": plan.budget_bytes,
         "reserve_bytes": plan.reserve_bytes,
         "partition": list(plan.partition),
