@@ -17,9 +17,9 @@ from dataclasses import replace
 import numpy as np
 
 from lynxpipe.cost.memory import RankBudget
+from lynxpipe.plan.countdp import solve_counts_dp
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.loop import Solver, assign, tighten_loop
-from lynxpipe.plan.countdp import solve_counts_dp
 from lynxpipe.plan.ondemand import count_options
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.partition import choose_partition, default_partition

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.errors import LynxError
 from lynxpipe.plan.checkmate import plan_adapipe, plan_checkmate
-from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.plan.countdp import least_budget
 from lynxpipe.plan.finalize import base_order, make_plan
 from lynxpipe.plan.heu import plan_lynx_heu
