@@ -21,7 +21,7 @@ import os
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,7 +53,8 @@ from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "paper_scale"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
-FRACTIONS = (0.5, 0.15)
+FRACTIONS = (0.5, 0.15, 0.05)
+ATTENTION = ("fused", "explicit")
 HEU_REPEATS = 5
 
 
@@ -144,10 +145,11 @@ def derive(pol: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_row(cluster: str, layout: Layout, fraction: float, opt_limit: float,
+def run_row(cluster: str, layout: Layout, attention: str, fraction: float, opt_limit: float,
             repeats: int) -> Row:
-    """Plan every registered policy for one (cluster, layout, budget fraction)."""
-    model, clus, par = get_model(layout.model), get_cluster(cluster), layout.spec()
+    """Plan every registered policy for one (cluster, layout, attention, budget fraction)."""
+    model = replace(get_model(layout.model), attention=attention)
+    clus, par = get_cluster(cluster), layout.spec()
     costs = analytic_costs(model, clus, par)
     probe = PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=clus.device_memory_bytes, costs=costs)
     rule = budget_rule(make("none", probe), fraction, clus.device_memory_bytes)
@@ -160,7 +162,8 @@ def run_row(cluster: str, layout: Layout, fraction: float, opt_limit: float,
         make("lynx-heu", req)
         wall.append(1e3 * (time.perf_counter() - start))
         cpu.append(1e3 * (time.process_time() - start_cpu))
-    return {"cluster": cluster, "layout": asdict(layout), "devices": par.devices,
+    return {"cluster": cluster, "layout": asdict(layout), "attention": attention,
+            "devices": par.devices,
             "budget": rule, "windows_per_layer": layer_windows(costs), "policies": pol,
             "heu_repeat_ms": wall, "heu_median_ms": statistics.median(wall),
             "heu_median_cpu_ms": statistics.median(cpu), "derived": derive(pol)}
@@ -178,15 +181,15 @@ def run_all(args: argparse.Namespace, console: Any) -> tuple[list[Row], dict[str
     """Plan every row, one progress line each; returns the rows and the run's metadata."""
     fracs = ([float(x) for x in args.fractions.split(",")] if args.fractions
              else [FRACTIONS[0]] if args.quick else list(FRACTIONS))
-    combos = [(c, lay) for c in CLUSTERS for lay in LAYOUTS
+    combos = [(c, lay, att) for att in ATTENTION for c in CLUSTERS for lay in LAYOUTS
               if not args.quick or (c, lay.model) in QUICK]
     names = [n for n in POLICIES if n in PLANNERS]
     console.print(f"policies: {', '.join(names)}"
                   + ("" if "lynx-opt" in PLANNERS else "  [yellow](lynx-opt not registered)"))
     load, start, rows = os.getloadavg()[0], time.perf_counter(), []
     for frac in fracs:
-        for cluster, lay in combos:
-            rows.append(run_row(cluster, lay, frac, args.opt_time_limit,
+        for cluster, lay, att in combos:
+            rows.append(run_row(cluster, lay, att, frac, args.opt_time_limit,
                                 2 if args.quick else HEU_REPEATS))
             d = rows[-1]["derived"]
             console.print(
@@ -200,7 +203,8 @@ def run_all(args: argparse.Namespace, console: Any) -> tuple[list[Row], dict[str
             "cpus": os.cpu_count(), "load_before": load, "load_after": os.getloadavg()[0],
             "opt_time_limit_s": args.opt_time_limit, "fractions": fracs, "policies": names,
             "heu_repeats": 2 if args.quick else HEU_REPEATS, "quick": args.quick,
-            "layouts": [asdict(lay) for lay in LAYOUTS], "clusters": list(CLUSTERS)}
+            "layouts": [asdict(lay) for lay in LAYOUTS], "clusters": list(CLUSTERS),
+            "attention": list(ATTENTION)}
     return rows, meta
 
 

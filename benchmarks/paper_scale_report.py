@@ -33,8 +33,13 @@ def pct(x: float | None, sign: bool = True) -> str:
     return "–" if x is None else (f"{100 * x:+.1f}%" if sign else f"{100 * x:.0f}%")
 
 
+def model_label(r: Row) -> str:
+    """The model with its attention variant (rows before issue 10 had only explicit)."""
+    return f"{r['layout']['model']} {r.get('attention', 'explicit')}"
+
+
 def row_label(r: Row) -> str:
-    return f"{r['cluster']} {r['layout']['model']} @ {pct(r['budget']['fraction'], False)}"
+    return f"{r['cluster']} {model_label(r)} @ {pct(r['budget']['fraction'], False)}"
 
 
 def _cell(row: Row, name: str) -> str:
@@ -51,7 +56,7 @@ def layout_table(rows: Sequence[Row]) -> str:
     """One line per model: layout, memory under `none`, the budgets the rule gave."""
     groups: dict[str, list[Row]] = {}
     for r in rows:
-        groups.setdefault(r["layout"]["model"], []).append(r)
+        groups.setdefault(model_label(r), []).append(r)
     out = []
     for name, group in groups.items():
         lay, b = group[0]["layout"], group[0]["budget"]
@@ -71,7 +76,7 @@ def step_table(rows: Sequence[Row], names: Sequence[str]) -> str:
     out = []
     for r in rows:
         d, best = r["derived"], r["derived"]["best_on_demand"]
-        out.append([r["cluster"], r["layout"]["model"], gib(r["budget"]["budget_bytes"])]
+        out.append([r["cluster"], model_label(r), gib(r["budget"]["budget_bytes"])]
                    + [_cell(r, n) for n in names]
                    + [best or "none fits",
                       f"{d['heu_over_best_on_demand']:.3f}×" if best else "–",
@@ -87,7 +92,7 @@ def planning_table(rows: Sequence[Row], names: Sequence[str]) -> str:
         cells = [("–" if n not in r["policies"] else f"{r['policies'][n]['planner_ms']:,.0f}"
                   + (" (limit)" if n == "lynx-opt" and r["policies"][n]["hit_time_limit"]
                      else "")) for n in names]
-        out.append([r["cluster"], r["layout"]["model"], pct(r["budget"]["fraction"], False)]
+        out.append([r["cluster"], model_label(r), pct(r["budget"]["fraction"], False)]
                    + cells + [f"{r['heu_median_ms']:,.0f} / {r['heu_median_cpu_ms']:,.0f}"])
     return _table(["cluster", "model", "budget frac."] + list(names)
                   + [f"lynx-heu median of {len(rows[0]['heu_repeat_ms'])}: wall / CPU"], out)
@@ -102,7 +107,10 @@ def _use(w: dict[str, Any], name: str) -> str:
 
 def _kept(r: Row) -> str:
     """Which candidate lynx-opt returned (its MILP plan, or lynx-heu/checkmate/full's)."""
-    notes = r["policies"].get("lynx-opt", {}).get("notes", [])
+    rec = r["policies"].get("lynx-opt", {})
+    if rec.get("chosen_from"):
+        return rec["chosen_from"].split(" (")[0]
+    notes = rec.get("notes", [])
     found = re.search(r"kept the (\S+) plan", notes[-1]) if notes else None
     return found.group(1) if found else "–"
 
@@ -112,7 +120,7 @@ def diagnostics_table(rows: Sequence[Row]) -> str:
     out = []
     for r in rows:
         d, w, lw = r["derived"], r["derived"]["heu_worst_rank"], r["windows_per_layer"]
-        out.append([r["cluster"], r["layout"]["model"], pct(r["budget"]["fraction"], False),
+        out.append([r["cluster"], model_label(r), pct(r["budget"]["fraction"], False),
                     pct(d["best_on_demand_over_none"]), pct(d["heu_over_none"]),
                     pct(d["overlap_share"], False),
                     f"{lw['layer_fwd_ms']:.2f} / {lw['fwd_tp_wait_ms']:.2f} / "
@@ -168,66 +176,72 @@ def anomalies(rows: Sequence[Row], tol: float = 5e-4) -> list[str]:
 
 
 def target_heu_time(rows: Sequence[Row]) -> str:
-    big = [r for r in rows if r["layout"]["model"] == "gpt-22b"]
-    if not big:
-        return "- **lynx-heu plans gpt-22b in < 0.2 s**: no gpt-22b row in this run."
-    fast = [r for r in big if r["heu_median_ms"] < 200 or r["heu_median_cpu_ms"] < 200]
-    slow = [r for r in big if r not in fast]
-    text = (f"- **lynx-heu plans gpt-22b (tp 8, pp 4, 32 devices) in < 0.2 s** (median of "
-            f"{len(big[0]['heu_repeat_ms'])} reruns): **{'met' if not slow else 'missed'}** — "
-            f"under 0.2 s (wall or CPU) on {len(fast)}/{len(big)} rows ("
-            + ", ".join(f"{row_label(r)}: {r['heu_median_ms']:,.0f} ms" for r in big)
-            + "; median CPU time of the same reruns, less sensitive to the shared machine's load: "
-            + ", ".join(f"{r['heu_median_cpu_ms']:,.0f}" for r in big) + " ms).")
-    if slow:
-        exposed = sum(r["policies"]["lynx-heu"]["recompute_exposed_ms"] > 0 for r in slow)
-        text += (f" {exposed} of the {len(slow)} slow rows end with recompute still exposed: "
-                 "lynx-heu then also refines checkmate's exact on-demand plan (one HiGHS count "
-                 "MILP per rank, on each partition it tried) so that it never loses to "
-                 "checkmate, and simulates every candidate; those MILPs, not the "
-                 "replicated-layer knapsack, are most of its time (cProfile, a100-pcie gpt-22b "
-                 "@ 15%: ~2.5 s of ~4 s in 8 HiGHS solves, as slow as `checkmate` itself on that "
-                 "row). Where everything hides it stops after its own solve and meets the "
-                 "target.")
+    """Issue 10: lynx-heu < 0.2 s on every row, < 0.05 s at the median (median of reruns)."""
+    times = [r["heu_median_ms"] for r in rows]
+    slow = [r for r in rows if r["heu_median_ms"] >= 200]
+    med = statistics.median(times)
+    slowest = max(rows, key=lambda r: r["heu_median_ms"])
+    text = (f"- **lynx-heu plans every row in < 0.2 s**: **{'met' if not slow else 'missed'}** — "
+            f"under 0.2 s on {len(rows) - len(slow)}/{len(rows)} rows (median of "
+            f"{len(rows[0]['heu_repeat_ms'])} reruns each; slowest {slowest['heu_median_ms']:,.0f}"
+            f" ms, {row_label(slowest)}).\n- **lynx-heu median < 0.05 s**: "
+            f"**{'met' if med < 50 else 'missed'}** — median {med:,.0f} ms over all rows "
+            f"(CPU time {statistics.median(r['heu_median_cpu_ms'] for r in rows):,.0f} ms).")
+    if slow or med >= 50:
+        text += (" No MILP runs on these regular stages any more (lynx-heu's keep sets are a "
+                 "replicated-layer knapsack, and its never-slower-than-checkmate candidate comes "
+                 "from the exact count programme `plan/countdp.py`); what is left is "
+                 "simulation: every candidate (window-aware and checkmate keep sets, on the "
+                 "balanced and the uniform partition) goes through the tightening loop and the "
+                 "idle-window refinement, each a full-step simulation of pp × m micro-batches "
+                 "(cProfile, a100-pcie gpt-22b: ~24 simulations, ~75% of the time).")
     return text
 
 
 def target_opt_gap(rows: Sequence[Row]) -> str:
+    """Issue 10: within 1% of lynx-opt at the median, <= 3% where lynx-opt finished."""
     have = [r for r in rows if "lynx-opt" in r["policies"]]
     if not have:
-        return ("- **lynx-heu within 3% of lynx-opt**: not evaluated — `lynx-opt` was not "
-                "registered in `PLANNERS` when this ran.")
+        return "- **lynx-heu vs lynx-opt**: lynx-opt absent from this run."
     done = [r for r in have if not r["policies"]["lynx-opt"]["hit_time_limit"]]
     gap = {id(r): r["derived"]["heu_opt_gap"] for r in have}
+    med = statistics.median(gap.values())
     miss = [r for r in done if gap[id(r)] > 0.03]
-    over_all = [r for r in have if gap[id(r)] > 0.03]
-    worst = max(done, key=lambda r: gap[id(r)], default=None)
-    milp = sum(_kept(r) == "MILP" for r in have)
-    text = (f"- **lynx-heu within 3% of lynx-opt where OPT finished in its time limit**: "
-            f"**{'met' if not miss else 'missed'}** — OPT finished on {len(done)}/{len(have)} "
-            f"rows; within 3% on {len(done) - len(miss)}/{len(done)}")
-    if worst is not None:
-        text += f" (largest HEU/OPT−1 {pct(gap[id(worst)])}, {row_label(worst)})"
-    text += (f". Over all {len(have)} rows, including those where OPT stopped at its limit, "
-             f"HEU/OPT−1 exceeds 3% on {len(over_all)}"
-             + (" (" + ", ".join(f"{row_label(r)}: {pct(gap[id(r)])}" for r in over_all) + ")"
-                if over_all else "")
-             + f"; the median is {pct(statistics.median(gap.values()))}."
-             + (" On those rows lynx-heu runs tasks on demand on its worst rank ("
-                + ", ".join(f"{row_label(r)}: {_use(r['derived']['heu_worst_rank'], 'lynx-heu')} vs "
-                            f"lynx-opt {_use(r['derived']['heu_worst_rank'], 'lynx-opt')}"
-                            for r in over_all)
-                + "): at these budgets its keep sets mark some layers `full`, whose recompute "
-                "replays the forward all-reduces and cannot go in a window. Checked by hand on "
-                "a100-pcie gpt-6.7b @ 15%: lynx-heu marks 8 of rank 0's 16 layers `full`, "
-                "lynx-opt (and checkmate) 6; lynx-heu's replicated knapsack bounds memory "
-                "conservatively (every in-flight copy plus one layer's regenerated bytes), "
-                "while lynx-opt's per-event model fits two more layers of segment drops and "
-                "hides their tasks in the backward all-reduce windows." if over_all else "")
-             + " lynx-opt returns the "
-             f"fastest of its MILP plan, lynx-heu, checkmate and full, so HEU/OPT−1 ≥ 0 by "
-             f"construction; its own MILP plan won or tied on {milp}/{len(have)} rows.")
+    kept: dict[str, int] = {}
+    for r in have:
+        kept[_kept(r)] = kept.get(_kept(r), 0) + 1
+    text = (f"- **lynx-heu within 1% of lynx-opt at the median**: **{'met' if med <= 0.01 else 'missed'}**"
+            f" — median HEU/OPT−1 {pct(med)} over {len(have)} rows.\n"
+            f"- **lynx-heu within 3% of lynx-opt on every row where lynx-opt finished**: "
+            f"**{'met' if not miss else 'missed'}** — lynx-opt finished on {len(done)}/{len(have)}"
+            f" rows; over 3% on {len(miss)}"
+            + (" (" + ", ".join(f"{row_label(r)}: {pct(gap[id(r)])}" for r in miss) + ")"
+               if miss else "") + ". lynx-opt returns the fastest of its MILP plan, lynx-heu, "
+            "checkmate and full (`Plan.chosen_from`): " + ", ".join(
+                f"{k} on {v}" for k, v in sorted(kept.items(), key=lambda kv: -kv[1])) + ".")
     return text
+
+
+def target_never_slower(rows: Sequence[Row], tol: float = 1e-6) -> str:
+    """Issue 10: lynx-heu never slower than checkmate or adapipe on the same partition."""
+    worse = []
+    for r in rows:
+        pol = r["policies"]
+        heu = pol["lynx-heu"]
+        for name in ("checkmate", "adapipe"):
+            other = pol.get(name)
+            if other and other["fits_budget"] and other["partition"] == heu["partition"] and (
+                    not heu["fits_budget"]
+                    or heu["step_time_ms"] > other["step_time_ms"] * (1 + tol)):
+                worse.append(f"{row_label(r)} vs {name}: {heu['step_time_ms']:,.1f} > "
+                             f"{other['step_time_ms']:,.1f} ms")
+    same = sum(pol["lynx-heu"]["partition"] in (pol["checkmate"]["partition"],
+                                               pol["adapipe"]["partition"])
+               for pol in (r["policies"] for r in rows))
+    return (f"- **lynx-heu never slower than checkmate or adapipe on the same partition**: "
+            f"**{'met' if not worse else 'missed'}** — {len(worse)} exceptions over {len(rows)} "
+            f"rows ({same} rows share a partition with one of them)"
+            + (": " + "; ".join(worse) if worse else "") + ".")
 
 
 def target_pcie(rows: Sequence[Row]) -> str:
@@ -358,7 +372,10 @@ def report(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         f"{meta['load_after']:.1f}: the machine was shared), commit `{meta['commit']}`, "
         f"{meta['date']}. Outputs in `benchmarks/results/paper_scale/`: `results.json` (every "
         f"number, per-rank breakdowns, configuration), `results.md` (this text), `speedup.png`. "
-        f"Analytic cost model, 1F1B, seq 2048, no sequence parallelism; Megatron's uniform "
+        f"Analytic cost model, 1F1B, seq 2048, no sequence parallelism; every row twice: "
+        f"`fused` attention (FlashAttention-style: no s×s tensors, backward recomputes the scores "
+        f"inside the kernel; what Megatron-Core/TE, torchtitan and HF sdpa run) and `explicit` "
+        f"(the paper's regime, s×s scores, softmax and dropout mask saved); Megatron's uniform "
         f"partition for `none`/`full`/`full-block`/`selective`/`checkmate`, the balanced one for "
         f"`adapipe`/`lynx-*` (each falls back to uniform when that simulates faster). {opt}.",
         "**Budget rule** (never looks at lynx's numbers): budget = static bytes (weights, grads, "
@@ -375,7 +392,8 @@ def report(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         + "/".join(f"`{n}`" for n in ON_DEMAND) + "; *HEU vs it* = its step time / lynx-heu's.",
     ] + [f"#### Budget fraction {int(100 * f)}%\n\n"
          + step_table([r for r in rows if r["budget"]["fraction"] == f], names) for f in fracs]
-    bullets = [target_heu_time(rows), target_opt_gap(rows), target_pcie(rows),
+    bullets = [target_heu_time(rows), target_opt_gap(rows), target_never_slower(rows),
+               target_pcie(rows),
                why_windows(rows), why_memory(rows)]
     parts += ["### Targets\n\n" + "\n".join(b for b in bullets if b),
               "### Where the time goes\n\nPer row, on the pipeline rank where lynx-heu leaves "
