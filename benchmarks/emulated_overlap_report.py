@@ -113,7 +113,7 @@ def forcing_points(cells: list[Cell]) -> list[dict[str, Any]]:
                     "share": 1 - (heu.measured_ms - none) / (cm.measured_ms - none),
                     "heu_ms": heu.measured_ms, "checkmate_ms": cm.measured_ms,
                     "spread_ms": max(heu.spread_ms or 0.0, cm.spread_ms or 0.0),
-                    "none_ms": none})
+                    "none_ms": none, "same_plan": heu.steps_ms == cm.steps_ms})
     return out
 
 
@@ -145,6 +145,17 @@ def targets(cells: list[Cell]) -> list[str]:
             f"{verdict(faster >= 0.8 * len(mine))}); largest excess over checkmate beyond the "
             f"spread {beyond:+,.0f} ms at {worst['layout']} {worst['rate']} "
             f"{worst['budget_bytes'] / 2**20:.1f} MiB (target ≤ 0: {verdict(beyond <= 0)}).")
+        same = [p for p in mine if p["same_plan"]]
+        if same:
+            other = [p for p in mine if not p["same_plan"]]
+            lines.append(
+                f"  - In {len(same)} of these cells lynx-heu and checkmate ran the very same plan "
+                f"(one measurement; at the smallest feasible budget every adaptive policy finds "
+                f"the only plan that fits), so their share is 0 by construction. Over the "
+                f"{len(other)} forcing cells where the plans differ: median share "
+                + (f"{statistics.median(p['share'] for p in other):.2f}, lynx-heu faster in "
+                   f"{sum(p['heu_ms'] < p['checkmate_ms'] for p in other)}/{len(other)}."
+                   if other else "– (none)."))
     return lines + fidelity(cells)
 
 
