@@ -116,3 +116,25 @@ def test_count_programme_agrees_with_the_milp(model, tp, pp):
                 ms = {o.policy: o.ms for o in options}
                 assert sum(ms[p] for p in dp[0]) == pytest.approx(
                     sum(ms[p] for p in milp[0]), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+def test_issue_repro_gpt2_config_fits_at_its_smallest_budget(tmp_path, attention):
+    import json
+
+    from lynxpipe.errors import LynxError
+    from lynxpipe.specs.hf import load_hf_config
+    from lynxpipe.workflow import build_request, plan_policy
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4,
+                                  "vocab_size": 512, "resid_pdrop": 0.1}))
+    model = replace(load_hf_config(config), attention=attention)
+    par = ParallelSpec(tp=1, pp=1, micro_batch_size=1, num_microbatches=2, seq_len=64)
+    req = build_request(model, get_cluster("a100-pcie"), par, budget_bytes=2**40)
+    least = smallest_feasible_bytes(req)
+    for policy in ADAPTIVE:
+        assert plan_policy(policy, replace(req, budget_bytes=least)).predicted.fits_budget
+    with pytest.raises(LynxError, match=f"{least - 1} bytes.*smallest feasible budget is .*"
+                                        f"{least} bytes"):
+        plan_policy("checkmate", replace(req, budget_bytes=least - 1), strict=True)

@@ -77,7 +77,8 @@ def too_small(req: PlanRequest, plan: Plan | None) -> str:
     least = smallest_feasible_bytes(req)
     budget = format_bytes(req.budget_bytes)
     if least > req.budget_bytes:
-        return (f"budget {budget} per device is too small for any plan: the smallest feasible "
+        return (f"budget {budget} ({req.budget_bytes} bytes) per device is too small for any "
+                f"plan: the smallest feasible "
                 f"budget is {format_bytes(least)} ({least} bytes) — raise --budget, or add "
                 f"pipeline/tensor parallelism or a distributed optimizer")
     assert plan is not None
