@@ -6,7 +6,6 @@ report after a change to it without planning again.
 
 from __future__ import annotations
 
-import re
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -107,12 +106,8 @@ def _use(w: dict[str, Any], name: str) -> str:
 
 def _kept(r: Row) -> str:
     """Which candidate lynx-opt returned (its MILP plan, or lynx-heu/checkmate/full's)."""
-    rec = r["policies"].get("lynx-opt", {})
-    if rec.get("chosen_from"):
-        return rec["chosen_from"].split(" (")[0]
-    notes = rec.get("notes", [])
-    found = re.search(r"kept the (\S+) plan", notes[-1]) if notes else None
-    return found.group(1) if found else "–"
+    won = r["policies"].get("lynx-opt", {}).get("chosen_from")
+    return won.split(" (")[0] if won else "–"
 
 
 def diagnostics_table(rows: Sequence[Row]) -> str:

@@ -37,3 +37,22 @@ def toy_costs(tp: int = 1, fwd_ms: float = 1.0, bwd_ms: float = 2.0, coll_ms: fl
                    embed=_scaled(costs.embed, extra_f, extra_f, 0.0),
                    head=_scaled(costs.head, extra_f, extra_f, 0.0),
                    p2p_ms=p2p_ms, dp_alpha_ms=0.0, dp_ms_per_byte=0.0, optimizer_ms_per_param=0.0)
+
+
+def on_demand_outcomes(req) -> tuple[tuple[float, int], ...]:
+    """(step time, peak memory) of every on-demand plan of `req` by exhaustive search: every
+    drop subset, and full recompute, for every layer, each simulated by the real simulator."""
+    import itertools
+
+    from lynxpipe.plan.finalize import make_plan
+    from lynxpipe.plan.partition import default_partition
+    from lynxpipe.schedule.policy import FULL, LayerPolicy
+
+    names = [t.name for t in req.costs.layer.graph.droppable()]
+    policies = [LayerPolicy(frozenset(c)) for r in range(len(names) + 1)
+                for c in itertools.combinations(names, r)] + [FULL]
+    found = []
+    for layers in itertools.product(policies, repeat=req.model.num_layers):
+        plan, _ = make_plan(req, "x", default_partition(req), layers, None, 0.0)
+        found.append((plan.predicted.step_time_ms, max(plan.predicted.peak_memory_bytes)))
+    return tuple(found)

@@ -10,22 +10,20 @@ recompute) of every layer on tiny layouts, tp in {1, 2} x pp in {1, 2}, both att
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 from functools import cache
 
 import pytest
+from conftest import on_demand_outcomes
 
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.checkmate import plan_checkmate
 from lynxpipe.plan.countdp import least_budget, solve_counts_dp
-from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.ondemand import count_options, solve_counts
 from lynxpipe.plan.period import make_period
 from lynxpipe.plan.planners import make, smallest_feasible_bytes
 from lynxpipe.plan.simple import default_partition
 from lynxpipe.plan.types import PlanRequest
-from lynxpipe.schedule.policy import FULL, LayerPolicy
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 from lynxpipe.specs.model import with_layers
 
@@ -52,15 +50,7 @@ def _request(tp: int, pp: int, attention: str) -> PlanRequest:
 @cache
 def _exhaustive(tp: int, pp: int, attention: str) -> tuple[tuple[float, int], ...]:
     """(step time, peak memory) of every on-demand plan: any drop subset or full per layer."""
-    req = _request(tp, pp, attention)
-    names = [t.name for t in req.costs.layer.graph.droppable()]
-    policies = [LayerPolicy(frozenset(c)) for r in range(len(names) + 1)
-                for c in itertools.combinations(names, r)] + [FULL]
-    found = []
-    for layers in itertools.product(policies, repeat=req.model.num_layers):
-        plan, _ = make_plan(req, "x", default_partition(req), layers, None, 0.0)
-        found.append((plan.predicted.step_time_ms, max(plan.predicted.peak_memory_bytes)))
-    return tuple(found)
+    return on_demand_outcomes(_request(tp, pp, attention))
 
 
 def _budgets(layout: tuple[int, int, str]) -> list[int]:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 from functools import cache
 
 import pytest
+from conftest import on_demand_outcomes
 
 from lynxpipe.cost.table import analytic_costs
 from lynxpipe.plan.checkmate import plan_checkmate
-from lynxpipe.plan.finalize import make_plan
 from lynxpipe.plan.opt import solve_lynx_opt
 from lynxpipe.plan.simple import default_partition, plan_full, plan_selective
 from lynxpipe.plan.types import PlanRequest
-from lynxpipe.schedule.policy import FULL, LayerPolicy
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 from lynxpipe.specs.model import with_layers
 
@@ -44,15 +42,7 @@ def _request(name: str) -> PlanRequest:
 @cache
 def _exhaustive(name: str) -> tuple[tuple[float, int], ...]:
     """(step time, peak memory) of every drop subset (and full recompute) of every layer."""
-    req = _request(name)
-    names = [t.name for t in req.costs.layer.graph.droppable()]
-    policies = [LayerPolicy(frozenset(c)) for r in range(len(names) + 1)
-                for c in itertools.combinations(names, r)] + [FULL]
-    found = []
-    for layers in itertools.product(policies, repeat=req.model.num_layers):
-        plan, _ = make_plan(req, "x", default_partition(req), layers, None, 0.0)
-        found.append((plan.predicted.step_time_ms, max(plan.predicted.peak_memory_bytes)))
-    return tuple(found)
+    return on_demand_outcomes(_request(name))
 
 
 def _budgets(name: str, count: int = 7) -> list[int]:

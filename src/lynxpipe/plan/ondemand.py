@@ -85,6 +85,9 @@ def solve_counts(options: list[CountOption], period: Period, budget: int, time_l
                  ) -> tuple[list[LayerPolicy], float] | None:
     """Policies of the period's layers bottom-up, and the relative MIP gap; None: nothing fits.
 
+    The planners solve this model with `countdp.solve_counts_dp` (exact, no solver); this MILP
+    is kept as its independent reference (`tests/test_boundary.py` compares the two).
+
     `budget` is what the rank's activations may use (device budget less static state).
     """
     n, num = period.inflight, len(period.layers)
