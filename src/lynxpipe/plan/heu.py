@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from lynxpipe.schedule.actions import Window
 from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import BWD_COLL
 from lynxpipe.sim.engine import simulate
+from lynxpipe.sim.result import SimResult
 
 TIE_BREAK = 1e-3
 ASIDE_LIMIT_S = 0.2  # per-rank MILP limit for checkmate keep sets on the balanced partition
@@ -120,23 +122,27 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
     start = time.perf_counter()
     uniform = default_partition(req)
     partitions = list(dict.fromkeys([choose_partition(req, "lynx"), uniform]))
-    candidates = []
+    candidates: list[tuple[str, tuple[Plan, SimResult]]] = []
     for partition in partitions:
         heu = HeuPlanner(req, partition)
-        plan, sim = tighten_loop(req, partition, "lynx-heu", heu.solve, start, place=heu.place,
-                                 notes=(f"partition {partition}; keep sets by natural windows",))
-        candidates.append((f"window-aware keep sets, partition {partition}",
-                           refine(req, plan, sim)))
-    source, best = _best(candidates)
-    if not _at_floor(req, best, uniform):
-        # refinement only keeps what is faster, so each is at least as fast as checkmate there
-        # (exact by `countdp` on regular stages, no MILP); off the uniform partition no
-        # guarantee is owed, so an interleaved schedule's knapsack MILP gets a short limit
-        candidates += [(f"checkmate keep sets, partition {partition}", refine(req, *checkmate_run(
+        candidates.append((f"window-aware keep sets, partition {partition}", tighten_loop(
+            req, partition, "lynx-heu", heu.solve, start, place=heu.place,
+            notes=(f"partition {partition}; keep sets by natural windows",))))
+    # refinement only keeps what is faster, and each costs several simulations: only the
+    # fastest window-aware candidate, and checkmate's keep sets where they beat it, get one
+    source, run = _best(candidates)
+    found = [(source, refine(req, *run))]
+    if not _at_floor(req, found[0][1], uniform):
+        # off the uniform partition no guarantee is owed, so an interleaved schedule's
+        # knapsack MILP gets a short limit (on regular stages `countdp` is exact, no MILP)
+        aside = [(f"checkmate keep sets, partition {partition}", checkmate_run(
             req if partition == uniform else replace(req, time_limit_s=ASIDE_LIMIT_S),
-            partition, "lynx-heu", start, (f"partition {partition}; checkmate keep sets",))))
+            partition, "lynx-heu", start, (f"partition {partition}; checkmate keep sets",)))
             for partition in partitions]
-        source, best = _best(candidates)
+        source, run = _best(aside)
+        found.append((source, refine(req, *run) if _rank_key(run[0]) < _rank_key(found[0][1])
+                      else run[0]))
+    source, best = _best(found)
     return replace(best, planner_ms=1e3 * (time.perf_counter() - start), chosen_from=source)
 
 
@@ -155,7 +161,11 @@ def _at_floor(req: PlanRequest, plan: Plan, uniform: tuple[int, ...]) -> bool:
     return plan.predicted.step_time_ms <= keep.step_time_ms
 
 
-def _best(plans: list[tuple[str, Plan]]) -> tuple[str, Plan]:
-    """Fastest plan that fits (fastest overall when none fits), with where it came from."""
-    fitting = [p for p in plans if p[1].predicted.fits_budget] or plans
-    return min(fitting, key=lambda p: p[1].predicted.step_time_ms)
+def _rank_key(plan: Plan) -> tuple[bool, float]:
+    """Plans that fit first, then the faster."""
+    return (not plan.predicted.fits_budget, plan.predicted.step_time_ms)
+
+
+def _best(plans: list[tuple[str, Any]]) -> tuple[str, Any]:
+    """The first-ranked (fitting, then fastest) of (source, plan or (plan, simulation))."""
+    return min(plans, key=lambda p: _rank_key(p[1] if isinstance(p[1], Plan) else p[1][0]))

@@ -50,13 +50,25 @@ def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve:
     fit: list[int | None] = [None] * order.pp   # smallest margin seen to fit
     fail: list[int | None] = [None] * order.pp  # largest margin seen to overshoot
     best: tuple[Plan, SimResult] | None = None
+    solved: dict[tuple[int, int], tuple[dict[int, LayerPolicy], float]] = {}
+    simulated: dict[tuple[LayerPolicy, ...], tuple[Plan, SimResult]] = {}
     for _ in range(MAX_TIGHTEN):
-        plan, sim = _solve_all(req, partition, name, solve, budgets, margins, start, notes, place)
+        chosen, gap = _solve_all(solve, budgets, margins, solved)
+        policy = tuple(chosen[g] for g in range(req.model.num_layers))
+        if policy not in simulated:  # bisection often lands on a plan it has already judged
+            simulated[policy] = make_plan(req, name, partition, policy,
+                                          place(policy) if place else None,
+                                          1e3 * (time.perf_counter() - start), gap, notes)
+        plan, sim = simulated[policy]
         over = [peak - req.budget_bytes for peak in plan.predicted.peak_memory_bytes]
         if all(o <= 0 for o in over) and (
                 best is None or plan.predicted.step_time_ms < best[0].predicted.step_time_ms):
             best = (plan, sim)
-        nxt = [_next_margin(r, m, o, fit, fail, req.budget_bytes, relax)
+        # a rank over budget with every layer on `full` keeps the least it can: tightening
+        # its estimate further cannot help (the budget is below what this partition needs)
+        stuck = [o > 0 and all(chosen[g].full for g in rb.layers)
+                 for o, rb in zip(over, budgets)]
+        nxt = [None if stuck[r] else _next_margin(r, m, o, fit, fail, req.budget_bytes, relax)
                for r, (m, o) in enumerate(zip(margins, over))]
         if all(m is None for m in nxt):
             break
@@ -90,18 +102,19 @@ def _settled(fit: list, margins: list[int]) -> list[int]:
     return [f if f is not None else m for f, m in zip(fit, margins)]
 
 
-def _solve_all(req: PlanRequest, partition: tuple[int, ...], name: str, solve: Solver,
-               budgets: list[RankBudget], margins: list[int], start: float,
-               notes: tuple[str, ...], place: Placer | None) -> tuple[Plan, SimResult]:
+def _solve_all(solve: Solver, budgets: list[RankBudget], margins: list[int],
+               solved: dict[tuple[int, int], tuple[dict[int, LayerPolicy], float]],
+               ) -> tuple[dict[int, LayerPolicy], float]:
+    """Every rank's policies at its margin (a settled rank's answer is reused, not re-solved)."""
     layers: dict[int, LayerPolicy] = {}
     gap = 0.0
     for rb in budgets:
-        chosen, rank_gap = solve(rb, margins[rb.rank])
+        key = (rb.rank, margins[rb.rank])
+        if key not in solved:
+            solved[key] = solve(rb, margins[rb.rank])
+        chosen, rank_gap = solved[key]
         layers.update(chosen)
         gap = max(gap, rank_gap)
-    policy = tuple(layers[g] for g in range(req.model.num_layers))
-    placement = place(policy) if place else None
-    return make_plan(req, name, partition, policy, placement,
-                     1e3 * (time.perf_counter() - start), gap, notes)
+    return layers, gap
 
 

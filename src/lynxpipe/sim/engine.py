@@ -65,6 +65,7 @@ class _Rank:
     pinned: dict[Window, list[Action]] = field(default_factory=dict)
     done: set[tuple[int, int, int]] = field(default_factory=set)
     timeline: list[tuple[float, int]] = field(default_factory=list)
+    marks: list[int] = field(default_factory=list)
 
 
 class Simulator:
@@ -310,11 +311,14 @@ class Simulator:
         handlers = self._HANDLERS
         actions, first = st.actions, st.idx
         idx, end = first, len(actions)
+        marks = st.marks
         while idx < end:
             action = actions[idx]
             kind = action.kind
+            marks.append(len(st.timeline))
             if kind == "RECV_F" or kind == "RECV_B":
                 if not self._recv(st, action):
+                    marks.pop()  # not run yet: retried once its data is known
                     break
             else:
                 handler = handlers.get(kind)
@@ -373,7 +377,8 @@ class Simulator:
                                    st.peak, static))
         timeline = tuple(tuple(st.timeline) for st in states)
         return SimResult(end, tuple(ranks), timeline, tuple(self.events),
-                         tuple(map(WindowUse._make, self.windows)))
+                         tuple(map(WindowUse._make, self.windows)),
+                         tuple(tuple(st.marks) for st in states))
 
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],

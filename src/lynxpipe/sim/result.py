@@ -86,6 +86,19 @@ class SimResult:
     """Trace events (empty unless requested)."""
     windows: tuple[WindowUse, ...] = ()
     """Every window that opened, in simulation order."""
+    action_marks: tuple[tuple[int, ...], ...] = ()
+    """Per rank: for each action of its order, the index in `memory_timeline` where the
+    action's memory changes begin (the memory held during each action, for planners)."""
+
+    def action_peak_bytes(self, rank: int) -> list[int]:
+        """Most activation bytes `rank` holds at any point of each of its actions."""
+        mem = [m for _, m in self.memory_timeline[rank]]
+        marks = self.action_marks[rank]
+        out = []
+        for i, a in enumerate(marks):
+            b = marks[i + 1] if i + 1 < len(marks) else len(mem)
+            out.append(max([mem[a - 1] if a else 0, *mem[a:b]]))
+        return out
 
     @property
     def recompute_exposed_ms(self) -> float:
