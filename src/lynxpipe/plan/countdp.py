@@ -18,7 +18,7 @@ on regular stages it runs in milliseconds (tested against the MILP and exhaustiv
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
