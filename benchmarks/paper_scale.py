@@ -158,8 +158,11 @@ def run_row(cluster: str, layout: Layout, attention: str, fraction: float, opt_l
            for name in POLICIES if name in PLANNERS}
     wall, cpu = [], []
     for _ in range(repeats):  # lynx-heu again, timed from outside the planner
+        # on a fresh cost table, as a user's `plan` call sees it: nothing derived from the
+        # cost model (options, compiled programs) is carried over from earlier runs
+        fresh = replace(req, costs=analytic_costs(model, clus, par))
         start, start_cpu = time.perf_counter(), time.process_time()
-        make("lynx-heu", req)
+        make("lynx-heu", fresh)
         wall.append(1e3 * (time.perf_counter() - start))
         cpu.append(1e3 * (time.process_time() - start_cpu))
     return {"cluster": cluster, "layout": asdict(layout), "attention": attention,

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.memory import RankBudget
 from lynxpipe.plan.countdp import solve_counts_dp
 from lynxpipe.plan.knapsack import choose_counts
@@ -44,8 +45,12 @@ def exact_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
     periods = {r: make_period(req, partition, r, windows=False) for r in range(req.parallel.pp)}
 
     def solve(rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
-        found = solve_counts_dp(options, periods[rb.rank],
-                                rb.activation_bytes + rb.extras_bytes - margin)
+        period, budget = periods[rb.rank], rb.activation_bytes + rb.extras_bytes - margin
+        # the programme reads only these of the period: ranks of two partitions (lynx-heu
+        # tries two) that agree on them share one solve
+        key = ("checkmate-dp", len(period.layers), period.inflight, period.extras,
+               period.buffer, budget)
+        found = per_cost(req.costs.layer, key, lambda: solve_counts_dp(options, period, budget))
         if found is None:
             return {g: FULL for g in rb.layers}, 0.0
         policies, gap = found

@@ -29,11 +29,12 @@ from lynxpipe.schedule.policy import LayerPolicy
 INF = float("inf")
 
 
-State = tuple[float, int, float, tuple[int, ...]]
-"""One partial assignment with options 0..j decided: (ms, P, W, counts). ms: recompute time of
-the layers placed so far; P: their kept bytes; W: (n - 1) x kept bytes the later options may
-still add (inf: no row binds yet); counts: layers per option decided so far. Plain tuples, not
-dataclasses: the programme builds tens of thousands of them."""
+State = tuple[float, int, float, int, tuple]
+"""One partial assignment with options 0..j decided: (ms, P, W, c, parent). ms: recompute time
+of the layers placed so far; P: their kept bytes; W: (n - 1) x kept bytes the later options may
+still add (inf: no row binds yet); c: layers on option j; parent: the counts before, as a
+linked list (c_{j-1}, (c_{j-2}, ...)), so a successor costs O(1). Plain tuples, not dataclasses:
+the programme builds tens of thousands of them."""
 
 
 def _rows(period: Period, budget: int) -> tuple[float, float]:
@@ -125,24 +126,30 @@ def best_counts(options: list[CountOption], period: Period, budget: int,
     hulls = [_hull(options[j + 1:]) for j in range(len(options))]
     upper = _two_option_bound(options, num, n, forward, backward) * (1 + 1e-9) + 1e-12
     done = _programme(options, hulls, num, n, forward, backward, upper)
-    return done[3] if done else None
+    if not done:
+        return None
+    counts, link = [], (done[3], done[4])
+    while link:
+        counts.append(link[0])
+        link = link[1]
+    return tuple(reversed(counts))
 
 
 def _programme(options: list[CountOption], hulls: list[list[tuple[float, float]]], num: int,
                n: int, forward: float, backward: float, upper: float) -> State | None:
     """Add options in Jackson order, keeping per layer count the skyline of states that can
     still beat `upper`; the best complete state."""
-    frontier: dict[int, list[State]] = {0: [(0.0, 0, INF, ())]}
+    frontier: dict[int, list[State]] = {0: [(0.0, 0, INF, 0, None)]}  # None: no option yet
     spare = forward / n
     for j, o in enumerate(options):
         hull, nxt = hulls[j], {}
         for k, states in frontier.items():
             for state in states:
                 for t in _extend(state, o, num - k, n, forward, backward):
-                    left = num - k - t[3][-1]
+                    left = num - k - t[3]
                     cap = min(spare - t[1], t[2] / (n - 1) if n > 1 else INF)
                     if t[0] + _least_ms(hull, left, cap) <= upper:
-                        nxt.setdefault(k + t[3][-1], []).append(t)
+                        nxt.setdefault(k + t[3], []).append(t)
         frontier = {k: _skyline(v) for k, v in nxt.items()}
     done = frontier.get(num)
     return min(done, key=lambda s: (s[0], s[1])) if done else None
@@ -151,8 +158,9 @@ def _programme(options: list[CountOption], hulls: list[list[tuple[float, float]]
 def _extend(s: State, o: CountOption, left: int, n: int, forward: float,
             backward: float) -> list[State]:
     """`s` with 0..left more layers on option `o`, each successor within every row."""
-    ms, prefix0, allowance0, counts = s
-    out = [(ms, prefix0, allowance0, counts + (0,))]
+    ms, prefix0, allowance0 = s[0], s[1], s[2]
+    parent = (s[3], s[4]) if s[4] is not None else ()
+    out = [(ms, prefix0, allowance0, 0, parent)]
     kept, peak = o.kept_bytes, o.peak_bytes
     for c in range(1, left + 1):
         prefix = prefix0 + c * kept
@@ -166,7 +174,7 @@ def _extend(s: State, o: CountOption, left: int, n: int, forward: float,
         # the forward row already caps what later options add: room beyond it is worth
         # nothing, and clipping it lets the skyline see more states as dominated (exact)
         allowance = min(allowance, (n - 1) * (forward / n - prefix))
-        out.append((ms + c * o.ms, prefix, allowance, counts + (c,)))
+        out.append((ms + c * o.ms, prefix, allowance, c, parent))
     return out
 
 

@@ -52,16 +52,28 @@ class HeuPlanner:
             self.slots.update(natural_slots(costs, rng, s == len(stages) - 1, num_layers))
         self.stage_of[num_layers] = len(stages) - 1
         self._costs: dict[int, tuple[float, ...]] = {}
+        self._by_shape: dict[tuple, tuple[float, ...]] = {}
+        self._segs: dict[int, dict[int, Slot]] = {}
+        for (g, seg), slot in self.slots.items():
+            self._segs.setdefault(g, {})[seg] = slot
 
     def layer_costs(self, layer: int) -> tuple[float, ...]:
-        """Exposed time of every option for this layer (each tightening round asks again)."""
+        """Exposed time of every option for this layer (each tightening round asks again).
+
+        Layers whose segments sit in windows of the same shape (same capacities, shared the
+        same way) have the same costs: all interior layers of a stage are computed once.
+        """
         if layer not in self._costs:
-            segs = {seg: slot for (g, seg), slot in self.slots.items() if g == layer}
-            c = self.req.costs.contention
-            # a small weight on total recompute breaks ties towards less (hidden) recompute,
-            # which leaves the windows' contention and memory lighter
-            self._costs[layer] = tuple(round(exposure(o, segs, c) + TIE_BREAK * o.total_ms, 9)
-                                       for o in self.options)
+            segs = self._segs.get(layer, {})
+            shape = tuple(sorted((seg, slot.host - layer, slot.step, slot.capacity_ms)
+                                 for seg, slot in segs.items()))
+            if shape not in self._by_shape:
+                c = self.req.costs.contention
+                # a small weight on total recompute breaks ties towards less (hidden)
+                # recompute, which leaves the windows' contention and memory lighter
+                self._by_shape[shape] = tuple(
+                    round(exposure(o, segs, c) + TIE_BREAK * o.total_ms, 9) for o in self.options)
+            self._costs[layer] = self._by_shape[shape]
         return self._costs[layer]
 
     def solve(self, rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:

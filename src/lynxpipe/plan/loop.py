@@ -92,7 +92,7 @@ def _next_margin(rank: int, margin: int, over: int, fit: list, fail: list,
         return margin + over
     if fail[rank] is None:  # relax once; a second fit without any overshoot means settled
         return margin + over if relax and first_fit and over < -budget // 100 else None
-    if fit[rank] - fail[rank] <= budget // 200:
+    if fit[rank] - fail[rank] <= budget // 100:
         return None
     return (fit[rank] + fail[rank]) // 2
 

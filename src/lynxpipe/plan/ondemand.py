@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.table import LayerCost
 from lynxpipe.plan.milp import Lp
 from lynxpipe.plan.options import layer_options
@@ -43,7 +44,12 @@ class CountOption:
 
 
 def count_options(cost: LayerCost) -> list[CountOption]:
-    """Every option of `cost`, sorted for Jackson's rule (largest R first)."""
+    """Every option of `cost`, sorted for Jackson's rule (largest R first); memoised per cost
+    object."""
+    return list(per_cost(cost, "count_options", lambda: _count_options(cost)))
+
+
+def _count_options(cost: LayerCost) -> list[CountOption]:
     options = layer_options(cost)
     data = layer_data(cost, options)
     seg_of = {t.name: t.segment for t in cost.graph.droppable()}

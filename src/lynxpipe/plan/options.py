@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.table import LayerCost
 from lynxpipe.schedule.policy import FULL, LayerPolicy
 
@@ -101,7 +102,13 @@ def option_for(cost: LayerCost, policy: LayerPolicy) -> LayerOption:
 
 
 def layer_options(cost: LayerCost, with_full: bool = True) -> list[LayerOption]:
-    """All segment-wise Pareto combinations (+ full), sorted by kept bytes descending."""
+    """All segment-wise Pareto combinations (+ full), sorted by kept bytes descending
+    (memoised per cost object: every planner and candidate of a run asks for them)."""
+    return list(per_cost(cost, ("layer_options", with_full),
+                         lambda: _layer_options(cost, with_full)))
+
+
+def _layer_options(cost: LayerCost, with_full: bool) -> list[LayerOption]:
     segments = sorted({t.segment for t in cost.graph.droppable()})
     per_seg = [_segment_frontier(cost, s) for s in segments]
     options = []

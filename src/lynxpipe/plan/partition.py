@@ -64,12 +64,9 @@ def balanced_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
     interior = natural_slots(req.costs, range(1, 3), False, num_layers)
     slots = {seg: slot for (g, seg), slot in interior.items() if g == 1}
     c = req.costs.contention
-    if kind == "lynx":
-        costs = [exposure(o, slots, c) for o in options]
-    else:
-        costs = [o.total_ms for o in options]
-    options, costs = zip(*[(o, costs[options.index(o)]) for o in
-                           pareto(options, lambda o: costs[options.index(o)])])
+    cost_of = {id(o): exposure(o, slots, c) if kind == "lynx" else o.total_ms for o in options}
+    options = pareto(options, lambda o: cost_of[id(o)])
+    costs = [cost_of[id(o)] for o in options]
     kept = np.array([o.kept_bytes for o in options], dtype=float)
     regen = np.array([o.regen_bytes for o in options], dtype=float)
     cost = np.array(costs)

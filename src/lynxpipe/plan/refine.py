@@ -88,7 +88,12 @@ def _placement(plan: Plan) -> dict[TaskKey, Window]:
 
 
 def refine(req: PlanRequest, plan: Plan, sim: SimResult) -> Plan:
-    """Try moving on-demand tasks into RECV windows, then also forward windows; keep the best."""
+    """Try moving on-demand tasks into RECV windows, then also forward windows; keep the best.
+
+    A plan over budget is returned as it is: every move holds bytes longer.
+    """
+    if not plan.predicted.fits_budget:
+        return plan
     best = plan
     tried: list[dict[TaskKey, Window]] = []
     for kinds in ({RECV}, {RECV, FWD_COLL}):

@@ -9,6 +9,7 @@ never stall the sender, so sending as early as possible never hurts).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Literal
 
@@ -138,8 +139,10 @@ def interleaved(pp: int, v: int, m: int) -> PipelineOrder:
     return _build("interleaved", pp, v, m, steps)
 
 
+@functools.lru_cache(maxsize=64)
 def make_order(schedule: str, pp: int, v: int, m: int) -> PipelineOrder:
-    """The order of a named schedule; gpipe and 1f1b take v == 1 only."""
+    """The order of a named schedule; gpipe and 1f1b take v == 1 only (memoised: a planner
+    run asks for its base order at every candidate, and the order is immutable)."""
     name = schedule.lower()
     if name in ("gpipe", "1f1b") and v != 1:
         raise LynxError(f"v={v}: schedule {name!r} has one stage per rank; use 'interleaved'")

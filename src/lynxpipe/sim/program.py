@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
+from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.table import LayerCost
 from lynxpipe.schedule.policy import FULL_SEGMENT, LayerPolicy
 
@@ -65,37 +65,14 @@ class Program:
     """Bytes held per micro-batch between this layer's forward and backward."""
 
 
-_Entry = tuple[weakref.ref[LayerCost], dict[LayerPolicy, Program]]
-_CACHE: dict[int, _Entry] = {}
-"""Compiled programs by id(cost): a planner run simulates ~30 plans over the same LayerCost, and
-compiling dominated simulator set-up. LayerCost holds dicts, so it is unhashable and keyed by
-identity; a weak reference drops the entry when the cost dies, before its id can be reused."""
-
-
 def compile_program(cost: LayerCost, policy: LayerPolicy) -> Program:
     """Flatten `cost` under `policy` into forward/backward steps and recompute tasks.
 
-    Memoised per (cost object, policy): the Program is shared, so callers must not mutate it,
-    and a LayerCost must not be mutated after its first compile (it is frozen, and nothing
-    edits its dicts in place; derived costs are new objects).
+    Memoised per (cost object, policy) (`cost.memo`: a planner run simulates tens of plans over
+    the same LayerCost, and compiling dominated simulator set-up). The Program is shared, so
+    callers must not mutate it.
     """
-    key = id(cost)
-    entry = _CACHE.get(key)
-    if entry is None or entry[0]() is not cost:
-        entry = (weakref.ref(cost, lambda ref: _forget(key, ref)), {})
-        _CACHE[key] = entry
-    progs = entry[1]
-    prog = progs.get(policy)
-    if prog is None:
-        prog = progs[policy] = _compile(cost, policy)
-    return prog
-
-
-def _forget(key: int, ref: weakref.ref[LayerCost]) -> None:
-    """Weak-reference callback: drop the entry of a dead cost (only if it is still ours)."""
-    entry = _CACHE.get(key)
-    if entry is not None and entry[0] is ref:
-        del _CACHE[key]
+    return per_cost(cost, ("program", policy), lambda: _compile(cost, policy))
 
 
 def _compile(cost: LayerCost, policy: LayerPolicy) -> Program:
