@@ -138,7 +138,7 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
     for partition in partitions:
         heu = HeuPlanner(req, partition)
         candidates.append((f"window-aware keep sets, partition {partition}", tighten_loop(
-            req, partition, "lynx-heu", heu.solve, start, place=heu.place,
+            req, partition, "lynx-heu", heu.solve, start, place=heu.place, relax=False,
             notes=(f"partition {partition}; keep sets by natural windows",))))
     # refinement only keeps what is faster, and each costs several simulations: only the
     # fastest window-aware candidate, and checkmate's keep sets where they beat it, get one

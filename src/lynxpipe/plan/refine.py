@@ -10,6 +10,7 @@ and still fits.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import numpy as np
@@ -47,6 +48,7 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
         index = {(a.kind, a.mb, a.stage): i for i, a in enumerate(actions) if a.kind != "R"}
         hosted = sorted(((index[w.host()], w) for w in spare if w.host() in index),
                         key=lambda iw: iw[0])
+        starts = [i for i, _ in hosted]
         held = np.array(sim.action_peak_bytes(rank), dtype=float)
         stats = plan.predicted.ranks[rank]
         limit = req.budget_bytes - req.reserve_bytes - stats.static_bytes
@@ -60,7 +62,7 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
             ms = seg[policy].seg_ms[action.segment]
             size = seg[policy].seg_bytes.get(action.segment, 0)
             lo, hi = index[("F", action.mb, action.stage)], index[("B", action.mb, action.stage)]
-            latest = _latest_with_room(hosted, lo, hi, spare, ms,
+            latest = _latest_with_room(hosted, bisect.bisect_left(starts, hi), lo, spare, ms,
                                        lambda i: held[i:hi + 1].max() + size <= limit)
             if latest is not None:
                 moves[(action.mb, action.layer, action.segment)] = latest
@@ -69,15 +71,16 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
     return moves
 
 
-def _latest_with_room(hosted: list[tuple[int, Window]], lo: int, hi: int,
+def _latest_with_room(hosted: list[tuple[int, Window]], end: int, lo: int,
                       spare: dict[Window, float], ms: float,
                       fits: Callable[[int], bool]) -> Window | None:
-    """The last window hosted strictly between action indices lo and hi with `ms` to spare
-    whose hold from there (`fits(index)`) stays within memory."""
-    for i, w in reversed(hosted):
+    """The last of `hosted[:end]` (the windows before the task's backward) hosted after action
+    index lo with `ms` to spare whose hold from there (`fits(index)`) stays within memory."""
+    for k in range(end - 1, -1, -1):
+        i, w = hosted[k]
         if i <= lo:
             return None
-        if i < hi and spare[w] >= ms:
+        if spare[w] >= ms:
             return w if fits(i) else None  # an earlier window would only hold longer
     return None
 
