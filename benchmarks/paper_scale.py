@@ -40,7 +40,7 @@ from paper_scale_report import (
 )
 
 from lynxpipe.artifact import write_json_atomic
-from lynxpipe.cost.table import CostTable, analytic_costs
+from lynxpipe.cost.table import CostTable, analytic_costs, overlapped_collective
 from lynxpipe.plan.planners import PLANNERS, make
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.report.console import stdout_console
@@ -102,7 +102,8 @@ def layer_windows(costs: CostTable) -> dict[str, float]:
     prog = compile_program(costs.layer, KEEP_ALL)
     return {"layer_fwd_ms": costs.layer.fwd_ms(),
             "fwd_tp_wait_ms": sum(s.coll_ms for s in prog.fwd if s.coll_ms >= 0),
-            "bwd_remainder_ms": sum(max(0.0, s.coll_ms - s.overlap_ms)
+            "bwd_remainder_ms": sum(overlapped_collective(s.overlap_ms, s.coll_ms,
+                                                          costs.contention)[1]
                                     for s in prog.bwd if s.coll_ms >= 0)}
 
 

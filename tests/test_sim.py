@@ -136,3 +136,30 @@ def test_whole_layer_recompute_in_a_window_is_rejected():
     with pytest.raises(LynxError, match="whole-layer recompute"):
         _run(costs, 1, 1, layers_per_stage=2, policies=(KEEP_ALL, FULL),
              placement={(0, 1, -1): window})
+
+
+@pytest.mark.parametrize("contention", [1.0, 0.5, 0.05])
+def test_overlapped_wgrad_obeys_the_window_rule(contention):
+    # a column-parallel linear's input-gradient all-reduce overlaps its wgrad GEMM: compute in
+    # a window of W ms runs at rate c, so the step lasts W + max(0, overlap - c*W)
+    from dataclasses import replace
+
+    from lynxpipe.cost.table import overlapped_collective
+    from lynxpipe.sim.program import compile_program
+
+    base = toy_costs(tp=2, coll_ms=0.4)
+    costs = replace(base, contention=contention)
+    prog = compile_program(costs.layer, KEEP_ALL)
+    colls = [(s.overlap_ms, s.coll_ms) for s in prog.bwd if s.coll_ms >= 0]
+    assert colls and all(o > 0 for o, _ in colls)
+    extra = sum(w + max(0.0, o - contention * w) - max(w, o) for o, w in colls)
+    m, layers = 3, 2
+    order = make_order("1f1b", 1, 1, m)
+    fast = simulate(replace(base, contention=1.0), (layers,), (KEEP_ALL,) * layers, order)
+    slow = simulate(costs, (layers,), (KEEP_ALL,) * layers, order)
+    assert slow.step_time_ms - fast.step_time_ms == pytest.approx(m * layers * extra)
+    assert (extra > 0) == any(o > contention * w for o, w in colls)  # 0.05: the GEMM spills
+    for o, w in colls:  # what is left of the window is what a recompute there may use
+        wall, left = overlapped_collective(o, w, contention)
+        assert wall + left == pytest.approx(w + max(0.0, o - contention * w))
+        assert left * contention == pytest.approx(max(0.0, contention * w - o))

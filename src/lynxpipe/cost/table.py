@@ -135,6 +135,25 @@ def collective_ms(coll: Collective, group: int, bytes_per_s: float, latency_us: 
     return 1e3 * (steps * latency_us * 1e-6 + steps / group * coll.size_bytes / bytes_per_s)
 
 
+def overlapped_collective(overlap_ms: float, coll_ms: float,
+                          contention: float) -> tuple[float, float]:
+    """(wall ms of the overlapped compute, window ms left) of a backward collective of `coll_ms`
+    that overlaps `overlap_ms` of compute (a column-parallel linear's wgrad GEMM).
+
+    The overlapped GEMM is compute inside the collective's window, so it obeys the window rule
+    the simulator applies to recompute (SPEC §4): a window of W ms runs c*W ms of compute for
+    free (c: `CostTable.contention`), i.e. compute there advances at rate c. The GEMM takes
+    overlap/c of the window's wall time, what it has left after the collective ends runs at full
+    speed, and the rest of the window stays open: the step lasts W + max(0, overlap - c*W).
+    c = 1 is the uncontended max(W, overlap). Measured on one CPU core per rank, c is ~0.05:
+    gloo's threads and the GEMM take turns, and timing the GEMM alone under-predicts the
+    backward (the emulated sweep's B sections, BENCHMARKS.md).
+    """
+    c = max(contention, 1e-9)
+    inside = min(overlap_ms / c, coll_ms)
+    return inside + max(0.0, overlap_ms - c * coll_ms), max(0.0, coll_ms - overlap_ms / c)
+
+
 def layer_cost(graph: LayerGraph, cluster: ClusterSpec, tp: int) -> LayerCost:
     op_ms = {op.name: OpTime(_roofline_ms(op.fwd_flops, op.fwd_bytes, cluster),
                              _roofline_ms(op.dgrad_flops, op.dgrad_bytes, cluster),

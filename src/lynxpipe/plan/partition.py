@@ -10,6 +10,7 @@ from functools import cache
 import numpy as np
 
 from lynxpipe.cost.memory import rank_budgets
+from lynxpipe.cost.table import overlapped_collective
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
 from lynxpipe.plan.options import layer_options, pareto
@@ -40,7 +41,9 @@ def _layer_ms(req: PlanRequest) -> float:
     for step in cost.graph.bwd_steps:
         if step.kind == "coll":
             overlap = cost.part_ms(step.ops, step.part)
-            bwd += max(0.0, cost.coll_ms[step.coll] - overlap)
+            wall, wait = overlapped_collective(overlap, cost.coll_ms[step.coll],
+                                               req.costs.contention)
+            bwd += wall + wait - overlap  # bwd_ms() has the overlapped GEMM at full speed
     return fwd + bwd
 
 

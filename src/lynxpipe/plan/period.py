@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lynxpipe.cost.table import overlapped_collective
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.options import LayerOption, option_for
 from lynxpipe.plan.types import PlanRequest
@@ -163,7 +164,7 @@ def make_period(req: PlanRequest, partition: tuple[int, ...], rank: int,
     c, actions = req.costs.contention, base_order(req).ranks[rank]
     units = _units(req, partition, rank)
     fwd_cap = {(u, s.step): s.coll_ms * c for u, p in units for s in p.fwd if s.coll_ms >= 0}
-    bwd = {("B", u, s.step): max(0.0, s.coll_ms - s.overlap_ms) * c
+    bwd = {("B", u, s.step): overlapped_collective(s.overlap_ms, s.coll_ms, c)[1] * c
            for u, p in reversed(units) for s in p.bwd if s.coll_ms >= 0}
     spans, index = _spans(actions), {(a.kind, a.mb, a.stage): i for i, a in enumerate(actions)}
     held, live = [], 0
@@ -189,7 +190,7 @@ def make_period(req: PlanRequest, partition: tuple[int, ...], rank: int,
              for j, span in spans.items()}
     head = compile_program(req.costs.head, KEEP_ALL)
     base = (sum(s.compute_ms + max(s.coll_ms, 0.0) for _, p in units for s in p.fwd),
-            sum(s.compute_ms + (s.overlap_ms + max(0.0, s.coll_ms - s.overlap_ms)
+            sum(s.compute_ms + (sum(overlapped_collective(s.overlap_ms, s.coll_ms, c))
                                 if s.coll_ms >= 0 else 0.0) for _, p in units for s in p.bwd))
     # copies held at B: the most of any micro-batch (1F1B: w + 1; GPipe: m at B(0))
     return Period(rank, tuple(stage_layers(partition)[rank]),

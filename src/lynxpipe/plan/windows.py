@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lynxpipe.cost.table import CostTable, LayerCost
+from lynxpipe.cost.table import CostTable, LayerCost, overlapped_collective
 from lynxpipe.plan.options import LayerOption
 
 
@@ -40,13 +40,14 @@ def need_steps(cost: LayerCost) -> dict[int, int]:
     return need
 
 
-def _windows(cost: LayerCost, host: int) -> list[tuple[int, Slot]]:
+def _windows(cost: LayerCost, host: int, contention: float) -> list[tuple[int, Slot]]:
     """(step index, slot) of every backward collective window of a unit."""
     out = []
     for idx, step in enumerate(cost.graph.bwd_steps):
         if step.kind == "coll":
             overlap = cost.part_ms(step.ops, step.part)
-            out.append((idx, Slot(host, idx, max(0.0, cost.coll_ms[step.coll] - overlap))))
+            left = overlapped_collective(overlap, cost.coll_ms[step.coll], contention)[1]
+            out.append((idx, Slot(host, idx, left)))
     return out
 
 
@@ -59,10 +60,11 @@ def natural_slots(costs: CostTable, layers: range | list[int], has_head: bool,
     """
     need = need_steps(costs.layer)
     slots: dict[tuple[int, int], Slot] = {}
-    seen: list[Slot] = [w for _, w in _windows(costs.head, num_layers)] if has_head else []
+    head = _windows(costs.head, num_layers, costs.contention) if has_head else []
+    seen: list[Slot] = [w for _, w in head]
     claimed: set[Slot] = set()
     for layer in reversed(list(layers)):
-        windows = _windows(costs.layer, layer)
+        windows = _windows(costs.layer, layer, costs.contention)
         for seg, at in sorted(need.items(), key=lambda kv: -kv[1]):
             before = seen + [slot for idx, slot in windows if idx < at]
             free = [slot for slot in before if slot not in claimed]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from lynxpipe.cost.memory import rank_params, static_bytes
-from lynxpipe.cost.table import CostTable
+from lynxpipe.cost.table import CostTable, overlapped_collective
 from lynxpipe.errors import LynxError
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
@@ -35,8 +35,10 @@ Window objects, and the hot loops probe them with plain tuples, ~13x cheaper to 
 
 FwdEntry = tuple[int, float, int, float, int]
 """(layer, compute_ms, alloc_bytes, coll_ms, step) of one forward step of a stage."""
-BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, float, int, int]
-"""(layer, tasks, needs, compute_ms, overlap_ms, coll_ms, window wait_ms, free_bytes, step)."""
+BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, float, float, int,
+                 int]
+"""(layer, tasks, needs, compute_ms, overlap_ms, its wall ms under the collective, window wait_ms,
+coll_ms, free_bytes, step); see `cost.table.overlapped_collective`."""
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -109,8 +111,10 @@ class Simulator:
                 for layer, prog in self._units(stage) for s in prog.fwd]
 
     def _bwd_entries(self, stage: int) -> list[BwdEntry]:
-        return [(layer, prog.tasks, s.needs, s.compute_ms, s.overlap_ms, s.coll_ms,
-                 max(0.0, s.coll_ms - s.overlap_ms), s.free_bytes, s.step)
+        c = self.costs.contention
+        return [(layer, prog.tasks, s.needs, s.compute_ms, s.overlap_ms,
+                 *(overlapped_collective(s.overlap_ms, s.coll_ms, c) if s.coll_ms >= 0
+                   else (s.overlap_ms, 0.0)), s.coll_ms, s.free_bytes, s.step)
                 for layer, prog in reversed(self._units(stage)) for s in prog.bwd]
 
     # -- helpers -----------------------------------------------------------------------------
@@ -230,7 +234,8 @@ class Simulator:
         mb, stage = action.mb, action.stage
         start = t = st.t
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
-        for layer, tasks, needs, ms, overlap_ms, coll_ms, wait_ms, nfree, step in self._bwd[stage]:
+        for layer, tasks, needs, ms, overlap_ms, overlap_wall_ms, wait_ms, coll_ms, nfree, step \
+                in self._bwd[stage]:
             if needs:
                 st.t, st.mem, st.peak = t, mem, peak
                 for seg in needs:
@@ -239,8 +244,9 @@ class Simulator:
             t += ms
             compute += ms
             if coll_ms >= 0:
-                t += overlap_ms
+                t += overlap_wall_ms
                 compute += overlap_ms
+                st.comm_exposed_ms += overlap_wall_ms - overlap_ms  # the GEMM slowed by the coll
                 t, mem, peak = self._through(st, (BWD_COLL, mb, stage, layer, step, ""),
                                              wait_ms, t, mem, peak)
             if nfree:
