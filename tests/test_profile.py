@@ -64,7 +64,7 @@ def _synthetic(base) -> Measurement:
                      {"final_ln+logits+ce_max+ce_sum+ce_loss": 4.0}, 4.0)
     comm = CommSamples({"all_reduce": _series(0.5, 1.0), "all_gather": _series(0.3, 2.0),
                         "reduce_scatter": _series(0.3, 2.0)},
-                       _series(0.2, 4.0), 0.7, 6.0, 1 << 22, "gloo")
+                       _series(0.2, 4.0), 0.7, 6.0, 1 << 22, "gloo", 1.5)
     return Measurement(OpSamples(layer, embed, head, 2e-6), comm, "cpu", 2)
 
 
@@ -76,6 +76,7 @@ def test_synthetic_timings_fit_and_split():
     assert table.layer.coll_ms["ar_proj"] == pytest.approx(0.5 + ar.size_bytes / 1e6, rel=1e-6)
     assert table.p2p_ms == pytest.approx(0.2 + base.p2p_bytes / 4e6, rel=1e-6)
     assert table.contention == 0.7 and table.optimizer_ms_per_param == 2e-6
+    assert table.tp_sync_ms == 1.5  # the sync probe's in-loop wait per TP collective
     assert table.bytes_per_param == 16.0  # fp32 weights, grads and two Adam moments
     # forward as measured; backward shares rescaled to the whole-layer total; a GEMM's
     # backward split into dgrad/wgrad as the analytic model splits it
@@ -173,6 +174,7 @@ def test_measure_tp2_launches_ranks_and_fits_communication(tmp_path):
     table = load_profile(out)
     assert all(ms > 0 for ms in table.layer.coll_ms.values())
     assert table.p2p_ms > 0 and 0.05 <= table.contention <= 1.0
+    assert summary["tp_sync_ms"] is not None and table.tp_sync_ms == summary["tp_sync_ms"] >= 0
     assert summary["layer_fwd_coll_ms"] == pytest.approx(table.layer.fwd_coll_ms())
     # every kind was timed at >= 4 sizes up to a bandwidth-bound one: a finite positive bandwidth
     for kind, series in summary["samples"].items():

@@ -163,3 +163,21 @@ def test_overlapped_wgrad_obeys_the_window_rule(contention):
         wall, left = overlapped_collective(o, w, contention)
         assert wall + left == pytest.approx(w + max(0.0, o - contention * w))
         assert left * contention == pytest.approx(max(0.0, contention * w - o))
+
+
+def test_every_tp_collective_pays_the_measured_sync():
+    # the profile's sync probe: each TP collective costs the wait for the last TP rank, on the
+    # critical path (no window): a step with n collectives is n x tp_sync_ms slower
+    from dataclasses import replace
+
+    from lynxpipe.sim.program import compile_program
+
+    base = toy_costs(tp=2, coll_ms=0.4)
+    colls = sum(s.coll_ms >= 0 for p in (compile_program(u, KEEP_ALL)
+                                         for u in (base.embed, base.layer, base.layer, base.head))
+                for s in (*p.fwd, *p.bwd))
+    m, order = 3, make_order("1f1b", 1, 1, 3)
+    plain = simulate(base, (2,), (KEEP_ALL,) * 2, order)
+    synced = simulate(replace(base, tp_sync_ms=0.25), (2,), (KEEP_ALL,) * 2, order)
+    assert colls > 0
+    assert synced.step_time_ms - plain.step_time_ms == pytest.approx(m * colls * 0.25)

@@ -105,6 +105,7 @@ def summary(m: Measurement, measured: CostTable, analytic: CostTable,
         "layer_fwd_coll_ms": measured.layer.fwd_coll_ms(), "p2p_ms": measured.p2p_ms,
         "contention": measured.contention, "contention_analytic": analytic.contention,
         "contention_window_ms": comm.window_ms if comm else None,
+        "tp_sync_ms": comm.sync_ms if comm else None,
         "optimizer_ms_per_mparam": 1e6 * measured.optimizer_ms_per_param,
         "samples": to_dict({**comm.collectives, "p2p": comm.p2p}) if comm else {},
     }

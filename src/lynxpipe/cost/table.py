@@ -110,6 +110,10 @@ class CostTable:
     made from it drop that block's tensors by their traced names (`wrap_blocks(plan=...)`)."""
     device: str = ""
     """Device a measured table was timed on (cpu, cuda, ...); "" for the analytic model."""
+    tp_sync_ms: float = 0.0
+    """What each TP collective costs in a loop beyond its compute and its own time: the wait
+    for the TP rank that reached it last (measured by `profile.comm.sync_probe`; 0 for the
+    analytic model, where ranks are taken to run in lockstep)."""
 
     def label(self, cluster: str) -> str:
         """Where the times come from, for titles: `measured profile, cpu` or `analytic,

@@ -75,6 +75,7 @@ def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpe
     bytes_per_param = base.bytes_per_param
     if model.dtype_bytes == 4:
         bytes_per_param = 8.0 + 8.0 / (par.dp if par.distributed_optimizer else 1)
+    sync_ms = m.comm.sync_ms if m.comm is not None and m.comm.sync_ms is not None else 0.0
     return replace(table, optimizer_ms_per_param=m.ops.optimizer_ms_per_param,
-                   bytes_per_param=bytes_per_param, device=m.device)
+                   bytes_per_param=bytes_per_param, device=m.device, tp_sync_ms=sync_ms)
 

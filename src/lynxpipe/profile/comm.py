@@ -14,6 +14,14 @@ The probe measures just that: an all-reduce alone (W), a matmul loop alone (C ~ 
 computing) and both at once (T); c = (C + W - T) / W, clipped to [0.05, 1] (1: neither slowed
 the other; 0: they ran one after the other). Windows under `MIN_WINDOW_MS` are too short for a
 loop of whole matmuls, so the all-reduce grows from the model's size until it lasts that long.
+
+Sync (`CostTable.tp_sync_ms`, tp > 1): every TP collective is a meeting point of the TP ranks,
+and in a loop the ranks reach it at different times (a segment's compute varies run to run and
+core to core), so each one costs the early rank a wait that timing ops and messages apart (by
+medians, after barriers) never sees. The probe runs the job's rhythm, K times a compute loop as
+long as the layer's forward segment then a blocking all-reduce of the layer's size, and keeps
+what a cycle costs beyond the two alone: s = T/K - C - W (the ranks' mean, >= 0). The ops are
+timed first, so the segment length is the measured one.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ import torch.distributed as dist
 
 from lynxpipe.artifact import from_dict, to_dict, write_json_atomic
 from lynxpipe.cost.fit import fit_alpha_beta
+from lynxpipe.cost.layers import layer_graph
 from lynxpipe.errors import LynxError
 from lynxpipe.profile.measure import describe_device, median, time_ops
 from lynxpipe.profile.samples import (
     CommSamples,
     Measurement,
+    OpSamples,
     ProfileJob,
     Progress,
     Series,
@@ -58,6 +68,8 @@ MAX_WINDOW_BYTES = 64 << 20
 """Largest all-reduce the contention probe grows to."""
 MIN_CONTENTION, MAX_CONTENTION = 0.05, 1.0
 """Clip of the probed contention."""
+SYNC_CYCLES = 8
+"""Compute + all-reduce cycles per repetition of the sync probe."""
 MESSAGE_REPEATS = 2
 """Messages are cheap and noisier than ops: they get this many times --repeats."""
 COMM_TIMEOUT_S = 300.0
@@ -237,8 +249,36 @@ def contention_probe(job: ProfileJob, ctx: TPContext, dev: str,
     return min(MAX_CONTENTION, max(MIN_CONTENTION, c)), w, x.numel() * job.model.dtype_bytes
 
 
-def measure_comm(job: ProfileJob, rank: int, dev: str, sync: bool, emit: Progress) -> CommSamples:
-    """Contention, collectives (tp > 1) and p2p over the whole launched world.
+def sync_probe(job: ProfileJob, ctx: TPContext, dev: str, sync: bool, segment_ms: float) -> float:
+    """Per blocking TP collective, the in-loop cost beyond its compute and its own time (ms);
+    see the module doc."""
+    numel = _input_numel("all_reduce", job.window_bytes, job.model.dtype_bytes, ctx.size)
+    x = torch.ones(numel, dtype=getattr(torch, job.dtype), device=dev)
+    loop = _compute_loop(job, dev, sync, segment_ms)
+    estimates = []
+    for rep in range(job.warmup + job.repeats):
+        dist.barrier()
+        t0 = _clock(sync)
+        loop()
+        alone_c = _clock(sync) - t0
+        alone_w = _time_coll("all_reduce", x, ctx, 1, sync)[0]
+        dist.barrier()
+        t0 = _clock(sync)
+        for _ in range(SYNC_CYCLES):
+            loop()
+            wait(issue_all_reduce(x, ctx))
+        cycle = (_clock(sync) - t0) / SYNC_CYCLES
+        if rep >= job.warmup:
+            estimates.append(cycle - alone_c - alone_w)
+    mine = torch.tensor([median(estimates)], dtype=torch.float64, device=dev)
+    dist.all_reduce(mine)
+    return max(0.0, float(mine.item()) / ctx.size)
+
+
+def measure_comm(job: ProfileJob, rank: int, dev: str, sync: bool, emit: Progress,
+                 segment_ms: float = 0.0) -> CommSamples:
+    """Contention, sync (tp > 1, for compute segments of `segment_ms`), collectives (tp > 1)
+    and p2p over the whole launched world.
 
     Every fit gets a message of >= MIN_WINDOW_MS (the contention window for collectives, a
     grown send for p2p), so bandwidth dominates somewhere even on a fast link or a busy machine.
@@ -254,8 +294,14 @@ def measure_comm(job: ProfileJob, rank: int, dev: str, sync: bool, emit: Progres
     job = replace(job, coll_sizes_bytes=_with(job.coll_sizes_bytes, window_bytes),
                   p2p_sizes_bytes=_with(job.p2p_sizes_bytes, send.numel() * elem))
     colls = collective_series(job, ctx, dev, sync, emit) if job.par.tp > 1 else {}
+    sync_ms = None
+    if job.par.tp > 1 and segment_ms > 0:
+        emit("sync", 0, 1)
+        sync_ms = sync_probe(job, ctx, dev, sync, segment_ms)
+        emit("sync", 1, 1)
     p2p = p2p_series(job, rank, dev, sync, emit)
-    return CommSamples(colls, p2p, contention, window_ms, window_bytes, dist.get_backend())
+    return CommSamples(colls, p2p, contention, window_ms, window_bytes, dist.get_backend(),
+                       sync_ms)
 
 
 def _with(sizes: tuple[int, ...], top: int) -> tuple[int, ...]:
@@ -302,26 +348,43 @@ def _op_context(job: ProfileJob, rank: int) -> TPContext:
 
 def run_rank(job: ProfileJob, out: Path, rendezvous: Path) -> None:
     """Everything one launched rank does; rank 0 writes the Measurement to `out`. The ranks
-    meet through the file `rendezvous` (no port to pick, so no clash with other jobs)."""
+    meet through the file `rendezvous` (no port to pick, so no clash with other jobs). Ops are
+    timed first (on a fake TP group), so the sync probe knows the layer's segment length."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     emit = _emitter(rank)
     op_dev, comm_dev, backend = _devices(job, rank, world)
     if op_dev == "cpu":
         torch.set_num_threads(1)  # one rank per core, as the runtime runs
-    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=COMM_TIMEOUT_S))
-    comm = measure_comm(job, rank, comm_dev, comm_dev != "cpu", emit)
-    dist.barrier()
-    dist.destroy_process_group()
     tp = _op_context(job, rank)
     gpu_of_its_own = not op_dev.startswith("cuda") or rank < torch.cuda.device_count()
     cfg = BuildConfig(job.model, job.par, tp, getattr(torch, job.dtype), op_dev, job.seed)
+    ops = None
     if rank == 0 or gpu_of_its_own:  # ranks sharing rank 0's GPU would disturb its timing
         ops = time_ops(cfg, job, emit)
-        if rank == 0:
-            concurrent = world if op_dev == "cpu" else min(world, torch.cuda.device_count())
-            write_json_atomic(out, to_dict(Measurement(ops, comm, describe_device(op_dev),
-                                                       concurrent)))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=COMM_TIMEOUT_S))
+    comm = measure_comm(job, rank, comm_dev, comm_dev != "cpu", emit,
+                        _segment_ms(job, ops, comm_dev))
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0 and ops is not None:
+        concurrent = world if op_dev == "cpu" else min(world, torch.cuda.device_count())
+        write_json_atomic(out, to_dict(Measurement(ops, comm, describe_device(op_dev),
+                                                   concurrent)))
+
+
+def _segment_ms(job: ProfileJob, ops: OpSamples | None, dev: str) -> float:
+    """The layer's forward compute between two TP collectives, averaged over the ranks that
+    timed it (0 when tp == 1: no collective inside a layer)."""
+    if job.par.tp == 1:
+        return 0.0
+    colls = sum(step.kind == "coll" for step in layer_graph(job.model, job.par).fwd_steps)
+    mine = sum(ops.layer.fwd_ms.values()) / max(1, colls) if ops is not None else 0.0
+    both = torch.tensor([mine, float(ops is not None)], dtype=torch.float64, device=dev)
+    dist.all_reduce(both)
+    return float(both[0].item()) / max(1.0, float(both[1].item()))
 
 
 def main(argv: list[str]) -> int:

@@ -98,6 +98,9 @@ class CommSamples:
     """Its size."""
     backend: str
     """torch.distributed backend the messages went through."""
+    sync_ms: float | None = None
+    """In-loop cost of one blocking TP collective beyond its compute and its own time (see
+    `profile.comm.sync_probe`); None if not probed (tp == 1, older profiles)."""
 
 
 @dataclass(frozen=True)

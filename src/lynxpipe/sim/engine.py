@@ -161,14 +161,16 @@ class Simulator:
                  peak: int) -> tuple[float, int, int]:
         """Pass a collective's window opening at `t`; the caller keeps clock, memory and peak in
         locals, so they go in and come back out."""
+        sync = self.costs.tp_sync_ms  # the wait for the last TP rank: no window, just late
         if self._inline and key not in st.pinned:
             # an empty window: idle = wait_ms, the clock advances by exactly wait_ms
             self.windows.append((st.rank, _window_of(key), t, wait_ms, 0.0))
-            st.comm_exposed_ms += wait_ms
-            return t + wait_ms, mem, peak
+            st.comm_exposed_ms += wait_ms + sync
+            return t + wait_ms + sync, mem, peak
         st.t, st.mem, st.peak = t, mem, peak
         self._window(st, key, wait_ms, f"TP L{key[3]}")
-        return st.t, st.mem, st.peak
+        st.comm_exposed_ms += sync
+        return st.t + sync, st.mem, st.peak
 
     def _fill(self, st: _Rank, pinned: list[Action], wait_ms: float, capacity: float) -> float:
         """Run the recompute `pinned` to a window opening at st.t; returns the compute used.
