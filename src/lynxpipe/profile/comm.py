@@ -202,20 +202,25 @@ def _window(job: ProfileJob, ctx: TPContext, dev: str, sync: bool) -> tuple[torc
 
 
 def _compute_loop(job: ProfileJob, dev: str, sync: bool, window_ms: float) -> Callable[[], None]:
-    """k matmuls lasting about `window_ms` alone; each about 1/16 of it (at least 0.2 ms)."""
+    """k matmuls lasting about `window_ms` alone; each about 1/16 of it (at least 0.2 ms).
+
+    Every rank runs the same loop (size and count agreed over the ranks): a rank calibrated
+    on a slow moment would otherwise do less work, and the probes would read that as waiting.
+    """
     dtype = getattr(torch, job.dtype)
     m = 64
     while True:
-        a = torch.randn(m, m, device=dev).to(dtype)
-        a @ a
-        t0 = _clock(sync)
-        for _ in range(4):
-            a @ a
-        unit = (_clock(sync) - t0) / 4
+        unit = _matmul_ms(m, dtype, dev, sync)
         if unit >= max(0.2, window_ms / 16) or m >= 4096:
             break
         m *= 2
-    k = max(1, round(window_ms / unit))
+    agreed = torch.tensor([float(m)], dtype=torch.float64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    m = int(agreed.item())
+    mean = torch.tensor([_matmul_ms(m, dtype, dev, sync)], dtype=torch.float64)
+    dist.all_reduce(mean)
+    k = max(1, round(window_ms / (float(mean.item()) / dist.get_world_size())))
+    a = torch.randn(m, m, device=dev).to(dtype)
 
     def loop() -> None:
         for _ in range(k):
@@ -223,29 +228,53 @@ def _compute_loop(job: ProfileJob, dev: str, sync: bool, window_ms: float) -> Ca
     return loop
 
 
+def _matmul_ms(m: int, dtype: torch.dtype, dev: str, sync: bool) -> float:
+    """Time of one m x m matmul (mean of 4 after a warm-up)."""
+    a = torch.randn(m, m, device=dev).to(dtype)
+    a @ a
+    t0 = _clock(sync)
+    for _ in range(4):
+        a @ a
+    return (_clock(sync) - t0) / 4
+
+
+def _probe(job: ProfileJob, ctx: TPContext, dev: str, sync: bool, loop: Callable[[], None],
+           x: torch.Tensor, together: Callable[[], None], cycles: int,
+           estimate: Callable[[float, float, float], float]) -> float:
+    """The ranks' mean of the median over repetitions of `estimate(C, W, T)`, per cycle: C the
+    compute `loop` alone, W the all-reduce of `x` alone (after a barrier each), T `together()`
+    (all ranks at once), each over `cycles` cycles, so all three average the same noise."""
+    estimates = []
+    for rep in range(job.warmup + job.repeats):
+        dist.barrier()
+        t0 = _clock(sync)
+        for _ in range(cycles):
+            loop()
+        alone_c = (_clock(sync) - t0) / cycles
+        alone_w = sum(_time_coll("all_reduce", x, ctx, cycles, sync)) / cycles
+        dist.barrier()
+        t0 = _clock(sync)
+        together()
+        if rep >= job.warmup:
+            estimates.append(estimate(alone_c, alone_w, (_clock(sync) - t0) / cycles))
+    mine = torch.tensor([median(estimates)], dtype=torch.float64, device=dev)
+    dist.all_reduce(mine)
+    return float(mine.item()) / ctx.size
+
+
 def contention_probe(job: ProfileJob, ctx: TPContext, dev: str,
                      sync: bool) -> tuple[float, float, int]:
     """(contention, window ms, window bytes); see the module doc for the definition."""
     x, w = _window(job, ctx, dev, sync)
     loop = _compute_loop(job, dev, sync, w)
-    estimates = []
-    for rep in range(job.warmup + job.repeats):
-        dist.barrier()
-        t0 = _clock(sync)
-        loop()
-        alone_c = _clock(sync) - t0
-        alone_w = _time_coll("all_reduce", x, ctx, 1, sync)[0]
-        dist.barrier()
-        t0 = _clock(sync)
+
+    def overlapped() -> None:
         work = issue_all_reduce(x, ctx)
         loop()
         wait(work)
-        both = _clock(sync) - t0
-        if rep >= job.warmup:
-            estimates.append((alone_c + alone_w - both) / alone_w)
-    mine = torch.tensor([median(estimates)], dtype=torch.float64, device=dev)
-    dist.all_reduce(mine)
-    c = float(mine.item()) / ctx.size  # the ranks' mean
+
+    c = _probe(job, ctx, dev, sync, loop, x, overlapped, 1,
+               lambda alone_c, alone_w, both: (alone_c + alone_w - both) / alone_w)
     return min(MAX_CONTENTION, max(MIN_CONTENTION, c)), w, x.numel() * job.model.dtype_bytes
 
 
@@ -255,24 +284,14 @@ def sync_probe(job: ProfileJob, ctx: TPContext, dev: str, sync: bool, segment_ms
     numel = _input_numel("all_reduce", job.window_bytes, job.model.dtype_bytes, ctx.size)
     x = torch.ones(numel, dtype=getattr(torch, job.dtype), device=dev)
     loop = _compute_loop(job, dev, sync, segment_ms)
-    estimates = []
-    for rep in range(job.warmup + job.repeats):
-        dist.barrier()
-        t0 = _clock(sync)
-        loop()
-        alone_c = _clock(sync) - t0
-        alone_w = _time_coll("all_reduce", x, ctx, 1, sync)[0]
-        dist.barrier()
-        t0 = _clock(sync)
+
+    def cycles() -> None:
         for _ in range(SYNC_CYCLES):
             loop()
             wait(issue_all_reduce(x, ctx))
-        cycle = (_clock(sync) - t0) / SYNC_CYCLES
-        if rep >= job.warmup:
-            estimates.append(cycle - alone_c - alone_w)
-    mine = torch.tensor([median(estimates)], dtype=torch.float64, device=dev)
-    dist.all_reduce(mine)
-    return max(0.0, float(mine.item()) / ctx.size)
+
+    return max(0.0, _probe(job, ctx, dev, sync, loop, x, cycles, SYNC_CYCLES,
+                           lambda alone_c, alone_w, cycle: cycle - alone_c - alone_w))
 
 
 def measure_comm(job: ProfileJob, rank: int, dev: str, sync: bool, emit: Progress,
