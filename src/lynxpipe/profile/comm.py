@@ -11,8 +11,10 @@ the round trips' fitted intercept.
 Contention (`CostTable.contention`, SPEC §4): the simulator runs compute of isolated length up
 to c*W inside a window of length W and adds the rest to the step: elapsed = W + max(0, C - cW).
 The probe measures just that: an all-reduce alone (W), a matmul loop alone (C ~ W, all ranks
-computing) and both at once (T); c = (C + W - T) / W, clipped to [0.05, 1] (1: neither slowed
-the other; 0: they ran one after the other). Windows under `MIN_WINDOW_MS` are too short for a
+computing) and both at once (T), each averaged over PROBE_CYCLES cycles; c = (C + W - T) / W,
+clipped to [0.05, 1] (1: neither slowed the other; 0: they ran one after the other). On one CPU
+core per rank it depends on the link: ~0.1 at 1 Gbit (the transfer burns the core), ~0.7 at
+100 Mbit (the core mostly waits on the wire). Windows under `MIN_WINDOW_MS` are too short for a
 loop of whole matmuls, so the all-reduce grows from the model's size until it lasts that long.
 
 Sync (`CostTable.tp_sync_ms`, tp > 1): every TP collective is a meeting point of the TP ranks,
@@ -68,8 +70,9 @@ MAX_WINDOW_BYTES = 64 << 20
 """Largest all-reduce the contention probe grows to."""
 MIN_CONTENTION, MAX_CONTENTION = 0.05, 1.0
 """Clip of the probed contention."""
-SYNC_CYCLES = 8
-"""Compute + all-reduce cycles per repetition of the sync probe."""
+PROBE_CYCLES = 8
+"""Compute + all-reduce cycles per repetition of the contention and sync probes (one cycle's
+estimate varied 0.05-0.3 for the contention between runs on 2 cores)."""
 MESSAGE_REPEATS = 2
 """Messages are cheap and noisier than ops: they get this many times --repeats."""
 COMM_TIMEOUT_S = 300.0
@@ -269,11 +272,12 @@ def contention_probe(job: ProfileJob, ctx: TPContext, dev: str,
     loop = _compute_loop(job, dev, sync, w)
 
     def overlapped() -> None:
-        work = issue_all_reduce(x, ctx)
-        loop()
-        wait(work)
+        for _ in range(PROBE_CYCLES):
+            work = issue_all_reduce(x, ctx)
+            loop()
+            wait(work)
 
-    c = _probe(job, ctx, dev, sync, loop, x, overlapped, 1,
+    c = _probe(job, ctx, dev, sync, loop, x, overlapped, PROBE_CYCLES,
                lambda alone_c, alone_w, both: (alone_c + alone_w - both) / alone_w)
     return min(MAX_CONTENTION, max(MIN_CONTENTION, c)), w, x.numel() * job.model.dtype_bytes
 
@@ -286,11 +290,11 @@ def sync_probe(job: ProfileJob, ctx: TPContext, dev: str, sync: bool, segment_ms
     loop = _compute_loop(job, dev, sync, segment_ms)
 
     def cycles() -> None:
-        for _ in range(SYNC_CYCLES):
+        for _ in range(PROBE_CYCLES):
             loop()
             wait(issue_all_reduce(x, ctx))
 
-    return max(0.0, _probe(job, ctx, dev, sync, loop, x, cycles, SYNC_CYCLES,
+    return max(0.0, _probe(job, ctx, dev, sync, loop, x, cycles, PROBE_CYCLES,
                            lambda alone_c, alone_w, cycle: cycle - alone_c - alone_w))
 
 
