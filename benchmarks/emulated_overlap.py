@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="TP=2 at 100mbit, 3 budgets, 2 rounds")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--replace", action="store_true",
+                    help="rerun only the --layouts/--rates given and keep results.json's other "
+                         "(layout, rate) pairs (e.g. after a disturbed pass); recorded in meta")
     args = ap.parse_args(argv)
     if args.quick:
         args.layouts, args.rates, args.budgets, args.rounds = ["TP=2"], ["100mbit"], 3, 2
@@ -203,9 +206,24 @@ def main(argv: list[str] | None = None) -> None:
             data = _results(args, commit, start, cells, partial=True)
             write_json_atomic(OUT / "results.partial.json", data)
     data = _results(args, commit, start, cells, partial=False)
+    if args.replace:
+        data = _merge(json.loads((OUT / "results.json").read_text()), data)
     write_json_atomic(OUT / "results.json", data)
     (OUT / "results.partial.json").unlink(missing_ok=True)
     render(data, OUT, ROOT / "BENCHMARKS.md", update_md=not args.quick)
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with the (layout, rate) pairs `new` measured replaced by `new`'s cells, in `old`'s
+    order; meta keeps `old`'s run and lists the reruns."""
+    rerun = {(c["layout"], c["rate"]) for c in new["cells"]}
+    pairs = list(dict.fromkeys((c["layout"], c["rate"]) for c in old["cells"] + new["cells"]))
+    cells = [c for pair in pairs for c in (new["cells"] if pair in rerun else old["cells"])
+             if (c["layout"], c["rate"]) == pair]
+    runs = old["meta"].get("reruns", []) + [{
+        "pairs": sorted(f"{layout} @ {rate}" for layout, rate in rerun),
+        **{k: new["meta"][k] for k in ("commit", "date", "wall_s", "rounds", "steps")}}]
+    return {"meta": {**old["meta"], "reruns": runs}, "cells": cells}
 
 
 def _results(args: argparse.Namespace, commit: str, start: float, cells: list[Cell],

@@ -250,6 +250,13 @@ def plot(cells: list[Cell], policies: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _reruns(meta: dict[str, Any]) -> list[str]:
+    """A line per rerun of some (layout, rate) pairs (`emulated_overlap.py --replace`)."""
+    return [f"Rerun of {', '.join(r['pairs'])} at commit `{r['commit']}`, {r['date']} "
+            f"({r['wall_s'] / 60:.0f} min; `--replace`): those cells are from that run."
+            for r in meta.get("reruns", [])]
+
+
 def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> None:
     """results.md, the PNG and (full runs) the BENCHMARKS.md section."""
     meta = data["meta"]
@@ -266,7 +273,7 @@ def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> 
         f"{meta['warmup']} warm-up step) — the slowest rank's step time, medians ± half IQR. "
         f"Predictions: the simulator with the profile measured over the same links. Every "
         f"policy runs on the same executor (same overlaps: weight-gradient GEMM over the "
-        f"input-gradient all-reduce, sends never block compute).", "",
+        f"input-gradient all-reduce, sends never block compute).", *_reruns(meta), "",
         "Cells: measured ± spread (predicted) ms; ✗ = does not fit the budget.", "",
         table(cells, policies), "", "**Targets**", "", *targets(cells), "",
         "**Where `none`'s step goes** (ms per step; in-loop section timers, medians, next to "
