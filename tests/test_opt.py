@@ -92,8 +92,13 @@ CASES = [  # layers, pp, m, coll ms, p2p ms, schedule, options (None: all)
 def test_milp_matches_exhaustive_search(layers, pp, m, coll, p2p, schedule, count):
     req = _request(layers, pp, m, coll, p2p, schedule)
     options = layer_options(req.costs.layer) if count is None else _subset(req, count)
+    _matches_exhaustive(req, options, 5)
+
+
+def _matches_exhaustive(req: PlanRequest, options: list[LayerOption], budgets: int) -> None:
+    """At `budgets` budgets, lynx-opt's plan fits and is the exhaustive optimum (within gap)."""
     found = _exhaustive(req, options)
-    for budget in _budgets(found, 5):
+    for budget in _budgets(found, budgets):
         best = min(t for t, peak in found if peak <= budget)
         plan, _ = solve_lynx_opt(replace(req, budget_bytes=budget), default_partition(req),
                                  options)
@@ -101,6 +106,15 @@ def test_milp_matches_exhaustive_search(layers, pp, m, coll, p2p, schedule, coun
         assert plan.mip_gap is not None
         assert plan.predicted.step_time_ms >= best * (1 - TOL)
         assert plan.predicted.step_time_ms <= best * (1 + TOL + plan.mip_gap)
+
+
+@pytest.mark.parametrize("contention,sync_ms", [(0.3, 0.05), (0.9, 0.2)])
+def test_milp_matches_exhaustive_search_with_contention_and_sync(contention, sync_ms):
+    # the period model prices the wgrad GEMM under its all-reduce and each collective's sync
+    # wait as the simulator does (pipeline waits make a mismatch visible)
+    req = _request(2, 2, 3, 0.3, 0.05)
+    req = replace(req, costs=replace(req.costs, contention=contention, tp_sync_ms=sync_ms))
+    _matches_exhaustive(req, _subset(req, 4), 3)
 
 
 def _span(req: PlanRequest, frac: float) -> PlanRequest:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
@@ -126,10 +125,11 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
     """lynx-heu: window-aware replicated-layer knapsack + natural placement + refinement.
 
     Tried on the balanced partition and, when it differs, on the uniform one (the partitioner's
-    estimate ignores pipeline dependencies). Unless the result already runs as fast as keeping
-    everything, checkmate's on-demand-optimal plan on each of those partitions is refined into
-    idle windows too, so lynx-heu is never slower than checkmate (nor than adapipe, when the
-    partitions agree).
+    estimate ignores pipeline dependencies). Unless the fastest of them, refined, already runs
+    as fast as keeping everything, checkmate's exact keep sets on each of those partitions are
+    candidates too (refined where they beat it), so lynx-heu is never slower than checkmate
+    (nor than adapipe, when the partitions agree). Refinement costs simulations and only keeps
+    what is faster, so only those two candidates get one.
     """
     start = time.perf_counter()
     uniform = default_partition(req)
@@ -142,7 +142,7 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
             notes=(f"partition {partition}; keep sets by natural windows",))))
     # refinement only keeps what is faster, and each costs several simulations: only the
     # fastest window-aware candidate, and checkmate's keep sets where they beat it, get one
-    source, run = _best(candidates)
+    source, run = min(candidates, key=lambda c: _rank_key(c[1][0]))
     found = [(source, refine(req, *run))]
     if not _at_floor(req, found[0][1], uniform):
         # off the uniform partition no guarantee is owed, so an interleaved schedule's
@@ -151,10 +151,10 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
             req if partition == uniform else replace(req, time_limit_s=ASIDE_LIMIT_S),
             partition, "lynx-heu", start, (f"partition {partition}; checkmate keep sets",)))
             for partition in partitions]
-        source, run = _best(aside)
+        source, run = min(aside, key=lambda c: _rank_key(c[1][0]))
         found.append((source, refine(req, *run) if _rank_key(run[0]) < _rank_key(found[0][1])
                       else run[0]))
-    source, best = _best(found)
+    source, best = min(found, key=lambda c: _rank_key(c[1]))
     return replace(best, planner_ms=1e3 * (time.perf_counter() - start), chosen_from=source)
 
 
@@ -176,8 +176,3 @@ def _at_floor(req: PlanRequest, plan: Plan, uniform: tuple[int, ...]) -> bool:
 def _rank_key(plan: Plan) -> tuple[bool, float]:
     """Plans that fit first, then the faster."""
     return (not plan.predicted.fits_budget, plan.predicted.step_time_ms)
-
-
-def _best(plans: list[tuple[str, Any]]) -> tuple[str, Any]:
-    """The first-ranked (fitting, then fastest) of (source, plan or (plan, simulation))."""
-    return min(plans, key=lambda p: _rank_key(p[1] if isinstance(p[1], Plan) else p[1][0]))

@@ -34,12 +34,16 @@ def choose_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
 
 
 def _layer_ms(req: PlanRequest) -> float:
-    """Forward + backward of a layer with its exposed TP communication (no recompute)."""
+    """Forward + backward of a layer with its exposed TP communication (no recompute), each
+    collective with its measured sync wait, as the simulator counts them."""
     cost = req.costs.layer
-    fwd = cost.fwd_ms() + cost.fwd_coll_ms()
+    sync = req.costs.tp_sync_ms
+    fwd = cost.fwd_ms() + cost.fwd_coll_ms() + sync * sum(
+        step.kind == "coll" for step in cost.graph.fwd_steps)
     bwd = cost.bwd_ms()
     for step in cost.graph.bwd_steps:
         if step.kind == "coll":
+            bwd += sync
             overlap = cost.part_ms(step.ops, step.part)
             wall, wait = overlapped_collective(overlap, cost.coll_ms[step.coll],
                                                req.costs.contention)

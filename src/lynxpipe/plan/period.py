@@ -189,8 +189,10 @@ def make_period(req: PlanRequest, partition: tuple[int, ...], rank: int,
                  or _resolve(("RECV_B", 0), j, index, span, rank) for k in pre}
              for j, span in spans.items()}
     head = compile_program(req.costs.head, KEEP_ALL)
-    base = (sum(s.compute_ms + max(s.coll_ms, 0.0) for _, p in units for s in p.fwd),
-            sum(s.compute_ms + (sum(overlapped_collective(s.overlap_ms, s.coll_ms, c))
+    sync = req.costs.tp_sync_ms  # every TP collective's wait for the last rank, as simulated
+    base = (sum(s.compute_ms + (s.coll_ms + sync if s.coll_ms >= 0 else 0.0)
+                for _, p in units for s in p.fwd),
+            sum(s.compute_ms + (sum(overlapped_collective(s.overlap_ms, s.coll_ms, c)) + sync
                                 if s.coll_ms >= 0 else 0.0) for _, p in units for s in p.bwd))
     # copies held at B: the most of any micro-batch (1F1B: w + 1; GPipe: m at B(0))
     return Period(rank, tuple(stage_layers(partition)[rank]),

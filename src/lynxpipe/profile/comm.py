@@ -217,10 +217,10 @@ def _compute_loop(job: ProfileJob, dev: str, sync: bool, window_ms: float) -> Ca
         if unit >= max(0.2, window_ms / 16) or m >= 4096:
             break
         m *= 2
-    agreed = torch.tensor([float(m)], dtype=torch.float64)
+    agreed = torch.tensor([float(m)], dtype=torch.float64, device=dev)  # NCCL: on the GPU
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
     m = int(agreed.item())
-    mean = torch.tensor([_matmul_ms(m, dtype, dev, sync)], dtype=torch.float64)
+    mean = torch.tensor([_matmul_ms(m, dtype, dev, sync)], dtype=torch.float64, device=dev)
     dist.all_reduce(mean)
     k = max(1, round(window_ms / (float(mean.item()) / dist.get_world_size())))
     a = torch.randn(m, m, device=dev).to(dtype)
