@@ -17,8 +17,9 @@ on regular stages it runs in milliseconds (tested against the MILP and exhaustiv
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import replace
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,14 +28,7 @@ from lynxpipe.plan.period import Period
 from lynxpipe.schedule.policy import LayerPolicy
 
 INF = float("inf")
-
-
-State = tuple[float, int, float, int, tuple]
-"""One partial assignment with options 0..j decided: (ms, P, W, c, parent). ms: recompute time
-of the layers placed so far; P: their kept bytes; W: (n - 1) x kept bytes the later options may
-still add (inf: no row binds yet); c: layers on option j; parent: the counts before, as a
-linked list (c_{j-1}, (c_{j-2}, ...)), so a successor costs O(1). Plain tuples, not dataclasses:
-the programme builds tens of thousands of them."""
+SKYLINE_BLOCK = 600  # states; above it the dominance test runs per layer count
 
 
 def _rows(period: Period, budget: int) -> tuple[float, float]:
@@ -43,24 +37,6 @@ def _rows(period: Period, budget: int) -> tuple[float, float]:
     forward = budget - n * extras - period.buffer
     backward = budget - ((n - 1) * extras + period.extras[0] + period.buffer)
     return forward, backward
-
-
-def _skyline(states: list[State]) -> list[State]:
-    """States not dominated in (ms, prefix bytes, -allowance), cheapest first."""
-    states.sort(key=lambda s: (s[0], s[1], -s[2]))
-    keys: list[int] = []       # prefix bytes, ascending
-    caps: list[float] = []     # allowance, strictly ascending along keys
-    out = []
-    for s in states:
-        i = bisect.bisect_right(keys, s[1])
-        if i and caps[i - 1] >= s[2]:
-            continue  # a cheaper state holds no more bytes and leaves at least as much room
-        out.append(s)
-        j = i
-        while j < len(keys) and caps[j] <= s[2]:
-            j += 1
-        keys[i:j], caps[i:j] = [s[1]], [s[2]]
-    return out
 
 
 def _hull(options: list[CountOption]) -> list[tuple[float, float]]:
@@ -78,19 +54,24 @@ def _hull(options: list[CountOption]) -> list[tuple[float, float]]:
     return hull
 
 
-def _least_ms(hull: list[tuple[float, float]], layers: int, cap: float) -> float:
+@lru_cache(maxsize=64)
+def _suffix_hulls(options: tuple[CountOption, ...]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Per option j, the hull of options j+1.. as (kept bytes, ms) arrays (the same options
+    are asked about at many budgets: by the tightening loop and `least_budget`)."""
+    hulls = (_hull(list(options[j + 1:])) for j in range(len(options)))
+    return tuple((np.array([x for x, _ in h]), np.array([y for _, y in h])) for h in hulls)
+
+
+def _least_ms(hull: tuple[np.ndarray, np.ndarray], layers: np.ndarray, cap: np.ndarray,
+              ) -> np.ndarray:
     """Lower bound on the time of `layers` more layers whose kept bytes total at most `cap`
-    (inf: not even the leanest option fits)."""
-    if layers == 0:
-        return 0.0
-    if not hull or cap < hull[0][0] * layers:
-        return INF
-    x = cap / layers
-    i = bisect.bisect_right(hull, (x, INF)) - 1
-    if i == len(hull) - 1:
-        return hull[-1][1] * layers
-    (x0, y0), (x1, y1) = hull[i], hull[i + 1]
-    return (y0 + (y1 - y0) * (x - x0) / (x1 - x0)) * layers
+    (inf: not even the leanest option fits), element-wise."""
+    xs, ys = hull
+    if not len(xs):
+        return np.where(layers == 0, 0.0, INF)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.interp(cap / np.maximum(layers, 1), xs, ys) * layers
+    return np.where(layers == 0, 0.0, np.where(cap < xs[0] * layers, INF, mean))
 
 
 def _two_option_bound(options: list[CountOption], num: int, n: int, forward: float,
@@ -123,59 +104,105 @@ def best_counts(options: list[CountOption], period: Period, budget: int,
     forward, backward = _rows(period, budget)
     if forward < 0:
         return None
-    hulls = [_hull(options[j + 1:]) for j in range(len(options))]
     upper = _two_option_bound(options, num, n, forward, backward) * (1 + 1e-9) + 1e-12
-    done = _programme(options, hulls, num, n, forward, backward, upper)
-    if not done:
+    found = _programme(options, num, n, forward, backward, upper)
+    if found is None:
         return None
-    counts, link = [], (done[3], done[4])
-    while link:
-        counts.append(link[0])
-        link = link[1]
+    levels, at = found
+    counts = []
+    for parent, count in reversed(levels):
+        counts.append(int(count[at]))
+        at = parent[at]
     return tuple(reversed(counts))
 
 
-def _programme(options: list[CountOption], hulls: list[list[tuple[float, float]]], num: int,
-               n: int, forward: float, backward: float, upper: float) -> State | None:
+class _Frontier(NamedTuple):
+    """Partial assignments with options 0..j decided, one entry per state (numpy arrays)."""
+
+    ms: np.ndarray
+    """Recompute time of the layers placed so far."""
+    prefix: np.ndarray
+    """Their kept bytes (P)."""
+    allowance: np.ndarray
+    """(n - 1) x the kept bytes later options may still add (inf: no row binds yet)."""
+    layers: np.ndarray
+    """Layers placed so far (k)."""
+
+
+def _programme(options: list[CountOption], num: int, n: int, forward: float, backward: float,
+               upper: float) -> tuple[list[tuple[np.ndarray, np.ndarray]], int] | None:
     """Add options in Jackson order, keeping per layer count the skyline of states that can
-    still beat `upper`; the best complete state."""
-    frontier: dict[int, list[State]] = {0: [(0.0, 0, INF, 0, None)]}  # None: no option yet
+    still beat `upper`. Returns per option each state's (parent index, count on the option),
+    and the index of the best complete state; None: no state completes.
+
+    Vectorised over states x counts: every successor of every state in one array operation.
+    """
+    front = _Frontier(np.zeros(1), np.zeros(1), np.full(1, INF), np.zeros(1, dtype=np.int64))
+    levels: list[tuple[np.ndarray, np.ndarray]] = []
     spare = forward / n
-    for j, o in enumerate(options):
-        hull, nxt = hulls[j], {}
-        for k, states in frontier.items():
-            for state in states:
-                for t in _extend(state, o, num - k, n, forward, backward):
-                    left = num - k - t[3]
-                    cap = min(spare - t[1], t[2] / (n - 1) if n > 1 else INF)
-                    if t[0] + _least_ms(hull, left, cap) <= upper:
-                        nxt.setdefault(k + t[3], []).append(t)
-        frontier = {k: _skyline(v) for k, v in nxt.items()}
-    done = frontier.get(num)
-    return min(done, key=lambda s: (s[0], s[1])) if done else None
+    hulls = _suffix_hulls(tuple(options))
+    for o, hull in zip(options, hulls):
+        front, parent, count = _successors(front, o, num, n, forward, backward)
+        cap = np.minimum(spare - front.prefix,
+                         front.allowance / (n - 1) if n > 1 else INF)
+        ok = front.ms + _least_ms(hull, num - front.layers, cap) <= upper
+        keep = np.flatnonzero(ok)
+        keep = keep[_skyline(_Frontier(*(a[keep] for a in front)))]
+        front = _Frontier(*(a[keep] for a in front))
+        levels.append((parent[keep], count[keep]))
+        if not len(keep):
+            return None
+    done = np.flatnonzero(front.layers == num)
+    if not len(done):
+        return None
+    best = done[np.lexsort((front.prefix[done], front.ms[done]))[0]]
+    return levels, int(best)
 
 
-def _extend(s: State, o: CountOption, left: int, n: int, forward: float,
-            backward: float) -> list[State]:
-    """`s` with 0..left more layers on option `o`, each successor within every row."""
-    ms, prefix0, allowance0 = s[0], s[1], s[2]
-    parent = (s[3], s[4]) if s[4] is not None else ()
-    out = [(ms, prefix0, allowance0, 0, parent)]
-    kept, peak = o.kept_bytes, o.peak_bytes
-    for c in range(1, left + 1):
-        prefix = prefix0 + c * kept
-        if n * prefix > forward:
-            break
-        allowance = allowance0 - (n - 1) * c * kept
-        if peak > 0:
-            allowance = min(allowance, backward - peak - n * prefix)
-        if allowance < 0:
-            break  # more copies only add bytes
-        # the forward row already caps what later options add: room beyond it is worth
-        # nothing, and clipping it lets the skyline see more states as dominated (exact)
-        allowance = min(allowance, (n - 1) * (forward / n - prefix))
-        out.append((ms + c * o.ms, prefix, allowance, c, parent))
-    return out
+def _successors(s: _Frontier, o: CountOption, num: int, n: int, forward: float,
+                backward: float) -> tuple[_Frontier, np.ndarray, np.ndarray]:
+    """Every state with 0..(layers left) more layers on option `o` that keeps every row;
+    with each successor's parent index and count."""
+    c = np.arange(num + 1)[None, :]
+    prefix = s.prefix[:, None] + c * o.kept_bytes
+    allowance = s.allowance[:, None] - (n - 1) * c * o.kept_bytes
+    if o.peak_bytes > 0:
+        allowance = np.minimum(allowance, backward - o.peak_bytes - n * prefix)
+    ok = (c <= num - s.layers[:, None]) & (n * prefix <= forward) & (allowance >= 0)
+    # the forward row already caps what later options add: room beyond it is worth nothing,
+    # and clipping it lets the skyline see more states as dominated (exact)
+    allowance = np.minimum(allowance, (n - 1) * (forward / n - prefix))
+    allowance[:, 0] = s.allowance  # no layer on `o`: no row of `o` applies, nothing clipped
+    ok[:, 0] = True
+    parent, count = np.nonzero(ok)
+    front = _Frontier(s.ms[parent] + count * o.ms, prefix[parent, count],
+                      allowance[parent, count], s.layers[parent] + count)
+    return front, parent, count
+
+
+def _skyline(s: _Frontier) -> np.ndarray:
+    """Indices of the states not dominated, at the same layer count, in (ms, prefix bytes,
+    -allowance); of equal states the first is kept."""
+    order = np.lexsort((-s.allowance, s.prefix, s.ms, s.layers))
+    _, prefix, room, k = (a[order] for a in s)
+    if len(order) > SKYLINE_BLOCK:  # bound the pairwise tables: one layer count at a time
+        cuts = [0, *(np.flatnonzero(np.diff(k)) + 1), len(order)]
+        return np.sort(np.concatenate([order[lo:hi][_undominated(prefix[lo:hi], room[lo:hi])]
+                                       for lo, hi in zip(cuts, cuts[1:])]))
+    return np.sort(order[_undominated(prefix, room, k)])
+
+
+def _undominated(prefix: np.ndarray, room: np.ndarray, k: np.ndarray | None = None,
+                 ) -> np.ndarray:
+    """Mask of sorted states no earlier state (same k) beats in bytes and room: sorted by
+    time, only an earlier state can dominate, and by transitivity testing against every
+    earlier state equals testing against the earlier survivors."""
+    idx = np.arange(len(prefix))
+    beats = ((prefix[:, None] <= prefix[None, :]) & (room[:, None] >= room[None, :])
+             & (idx[:, None] < idx[None, :]))
+    if k is not None:
+        beats &= k[:, None] == k[None, :]
+    return ~beats.any(axis=0)
 
 
 def solve_counts_dp(options: list[CountOption], period: Period, budget: int,
