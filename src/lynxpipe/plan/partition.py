@@ -94,7 +94,12 @@ def balanced_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
 
 
 def _dp(num_layers: int, p: int, stage_ms) -> tuple[int, ...] | None:
-    """min over splits of max stage time; stages get at least one layer."""
+    """min over splits of max stage time; stages get at least one layer.
+
+    A stage's time never falls as it takes more layers (more compute, less memory for its
+    activations), so once it alone reaches the best split found, more layers cannot help: the
+    scan stops there and most stage times (a knapsack each) are never computed.
+    """
     # f[s][n]: best max time placing the first n layers on stages 0..s-1
     f = [[INFEASIBLE] * (num_layers + 1) for _ in range(p + 1)]
     arg = [[0] * (num_layers + 1) for _ in range(p + 1)]
@@ -105,7 +110,10 @@ def _dp(num_layers: int, p: int, stage_ms) -> tuple[int, ...] | None:
                 prev = f[s - 1][n - k]
                 if prev == INFEASIBLE:
                     continue
-                val = max(prev, stage_ms(s - 1, k))
+                own = stage_ms(s - 1, k)
+                if own >= f[s][n] - 1e-12:
+                    break
+                val = max(prev, own)
                 if val < f[s][n] - 1e-12:
                     f[s][n], arg[s][n] = val, k
     if f[p][num_layers] == INFEASIBLE:
