@@ -18,14 +18,15 @@ For each layout (TP=2, PP=2: 2 ranks, one core each) and link rate (1 Gbit, 200 
     python benchmarks/emulated_overlap.py --quick      # one layout, one rate, 3 budgets
     python benchmarks/emulated_overlap.py --render-only
 
-Writes benchmarks/results/emulated_overlap/{results.json, results.md, step_time_vs_budget.png}
-and the "Emulated cluster" section of BENCHMARKS.md (`emulated_overlap_report.py`).
+Writes benchmarks/results/emulated_overlap/{results.json, results.md, step_time_vs_budget.png},
+the measured profiles (profiles/LAYOUT-RATE.json) and the "Emulated cluster" section of BENCHMARKS.md (`emulated_overlap_report.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,10 @@ def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list
     work = Path(tempfile.mkdtemp(prefix="lynx-overlap-"))
     prof = work / "profile.json"
     _cli(["profile", "--measure", "--emulate", rate, *_flags(par), "--out", str(prof)], log)
+    # kept beside the results: every prediction can be re-planned from the profile it used
+    kept = OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.json"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(prof, kept)
     specs, plans = plan_cells(prof, par, args.budgets, work)
     print(f"  {len(specs)} cells, {len(plans)} distinct plans to run", flush=True)
     ranks = run_plans(plans, par, rate, args, work)
