@@ -28,7 +28,7 @@ from lynxpipe.plan.period import Period
 from lynxpipe.schedule.policy import LayerPolicy
 
 INF = float("inf")
-SKYLINE_BLOCK = 600  # states; above it the dominance test runs per layer count
+SKYLINE_BLOCK = 600  # states per pairwise dominance table
 
 
 def _rows(period: Period, budget: int) -> tuple[float, float]:
@@ -185,11 +185,11 @@ def _skyline(s: _Frontier) -> np.ndarray:
     -allowance); of equal states the first is kept."""
     order = np.lexsort((-s.allowance, s.prefix, s.ms, s.layers))
     _, prefix, room, k = (a[order] for a in s)
-    if len(order) > SKYLINE_BLOCK:  # bound the pairwise tables: one layer count at a time
-        cuts = [0, *(np.flatnonzero(np.diff(k)) + 1), len(order)]
-        return np.sort(np.concatenate([order[lo:hi][_undominated(prefix[lo:hi], room[lo:hi])]
-                                       for lo, hi in zip(cuts, cuts[1:])]))
-    return np.sort(order[_undominated(prefix, room, k)])
+    if len(order) <= SKYLINE_BLOCK:  # one pairwise table, layer counts kept apart by a mask
+        return np.sort(order[_undominated(prefix, room, k)])
+    cuts = [0, *(np.flatnonzero(np.diff(k)) + 1), len(order)]
+    return np.sort(np.concatenate([order[lo:hi][_blocked(prefix[lo:hi], room[lo:hi])]
+                                   for lo, hi in zip(cuts, cuts[1:])]))
 
 
 def _undominated(prefix: np.ndarray, room: np.ndarray, k: np.ndarray | None = None,
@@ -203,6 +203,21 @@ def _undominated(prefix: np.ndarray, room: np.ndarray, k: np.ndarray | None = No
     if k is not None:
         beats &= k[:, None] == k[None, :]
     return ~beats.any(axis=0)
+
+
+def _blocked(prefix: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """`_undominated` for one layer count, a block at a time against itself and the survivors
+    so far, so no pairwise table exceeds survivors x SKYLINE_BLOCK."""
+    keep = np.zeros(len(prefix), dtype=bool)
+    for lo in range(0, len(prefix), SKYLINE_BLOCK):
+        hi = lo + SKYLINE_BLOCK
+        mask = _undominated(prefix[lo:hi], room[lo:hi])
+        alive = np.flatnonzero(keep[:lo])
+        if len(alive):
+            mask &= ~((prefix[alive, None] <= prefix[None, lo:hi])
+                      & (room[alive, None] >= room[None, lo:hi])).any(axis=0)
+        keep[lo:hi] = mask
+    return keep
 
 
 def solve_counts_dp(options: list[CountOption], period: Period, budget: int,
