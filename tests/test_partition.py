@@ -25,10 +25,8 @@ def test_dp_finds_the_least_slowest_stage(num_layers, p, data):
     steps = [data.draw(st.lists(st.floats(0, 5), min_size=num_layers, max_size=num_layers))
              for _ in range(p)]
     caps = [data.draw(st.integers(1, num_layers + 1)) for _ in range(p)]
-    calls = []
 
     def stage_ms(stage: int, count: int) -> float:
-        calls.append((stage, count))
         if count > caps[stage]:
             return float("inf")
         return sum(steps[stage][:count])

@@ -21,10 +21,10 @@ from lynxpipe.cost.memory import RankBudget
 from lynxpipe.plan.countdp import solve_counts_dp
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.loop import Solver, assign, tighten_loop
-from lynxpipe.plan.ondemand import count_options
+from lynxpipe.plan.ondemand import CountOption, count_options
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.partition import choose_partition, default_partition
-from lynxpipe.plan.period import make_period
+from lynxpipe.plan.period import Period, make_period
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.policy import FULL, LayerPolicy
 from lynxpipe.sim.result import SimResult
@@ -43,20 +43,23 @@ def exact_solver(req: PlanRequest, partition: tuple[int, ...]) -> Solver:
     solved exactly by `countdp` (no MILP: the layers of a stage are identical)."""
     options = count_options(req.costs.layer)
     periods = {r: make_period(req, partition, r, windows=False) for r in range(req.parallel.pp)}
+    return lambda rb, margin: rank_counts(req, periods[rb.rank], options, rb, margin,
+                                          "checkmate-dp")
 
-    def solve(rb: RankBudget, margin: int) -> tuple[dict[int, LayerPolicy], float]:
-        period, budget = periods[rb.rank], rb.activation_bytes + rb.extras_bytes - margin
-        # the programme reads only these of the period: ranks of two partitions (lynx-heu
-        # tries two) that agree on them share one solve
-        key = ("checkmate-dp", len(period.layers), period.inflight, period.extras,
-               period.buffer, budget)
-        found = per_cost(req.costs.layer, key, lambda: solve_counts_dp(options, period, budget))
-        if found is None:
-            return {g: FULL for g in rb.layers}, 0.0
-        policies, gap = found
-        return dict(zip(sorted(rb.layers), policies)), gap
 
-    return solve
+def rank_counts(req: PlanRequest, period: Period, options: list[CountOption], rb: RankBudget,
+                margin: int, tag: object) -> tuple[dict[int, LayerPolicy], float]:
+    """One rank's policies from the exact count programme (all `full` when nothing fits),
+    memoised per cost object under `tag` (what prices the options) and the only parts of the
+    period the programme reads: ranks of two partitions (lynx-heu tries two) that agree on
+    them share one solve."""
+    budget = rb.activation_bytes + rb.extras_bytes - margin
+    key = (tag, len(period.layers), period.inflight, period.extras, period.buffer, budget)
+    found = per_cost(req.costs.layer, key, lambda: solve_counts_dp(options, period, budget))
+    if found is None:
+        return {g: FULL for g in rb.layers}, 0.0
+    policies, gap = found
+    return dict(zip(sorted(rb.layers), policies)), gap
 
 
 def knapsack_solver(req: PlanRequest) -> Solver:

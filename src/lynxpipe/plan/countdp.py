@@ -198,8 +198,7 @@ def _undominated(prefix: np.ndarray, room: np.ndarray, k: np.ndarray | None = No
     time, only an earlier state can dominate, and by transitivity testing against every
     earlier state equals testing against the earlier survivors."""
     idx = np.arange(len(prefix))
-    beats = ((prefix[:, None] <= prefix[None, :]) & (room[:, None] >= room[None, :])
-             & (idx[:, None] < idx[None, :]))
+    beats = _beats(prefix, room, prefix, room) & (idx[:, None] < idx[None, :])
     if k is not None:
         beats &= k[:, None] == k[None, :]
     return ~beats.any(axis=0)
@@ -210,14 +209,18 @@ def _blocked(prefix: np.ndarray, room: np.ndarray) -> np.ndarray:
     so far, so no pairwise table exceeds survivors x SKYLINE_BLOCK."""
     keep = np.zeros(len(prefix), dtype=bool)
     for lo in range(0, len(prefix), SKYLINE_BLOCK):
-        hi = lo + SKYLINE_BLOCK
-        mask = _undominated(prefix[lo:hi], room[lo:hi])
+        block = slice(lo, lo + SKYLINE_BLOCK)
+        mask = _undominated(prefix[block], room[block])
         alive = np.flatnonzero(keep[:lo])
         if len(alive):
-            mask &= ~((prefix[alive, None] <= prefix[None, lo:hi])
-                      & (room[alive, None] >= room[None, lo:hi])).any(axis=0)
-        keep[lo:hi] = mask
+            mask &= ~_beats(prefix[alive], room[alive], prefix[block], room[block]).any(axis=0)
+        keep[block] = mask
     return keep
+
+
+def _beats(p_a: np.ndarray, w_a: np.ndarray, p_b: np.ndarray, w_b: np.ndarray) -> np.ndarray:
+    """[i, j]: state a_i holds no more bytes than b_j and leaves it no less room."""
+    return (p_a[:, None] <= p_b[None, :]) & (w_a[:, None] >= w_b[None, :])
 
 
 def solve_counts_dp(options: list[CountOption], period: Period, budget: int,

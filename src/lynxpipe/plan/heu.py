@@ -18,10 +18,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.memory import RankBudget
-from lynxpipe.plan.checkmate import checkmate_run
-from lynxpipe.plan.countdp import solve_counts_dp
+from lynxpipe.plan.checkmate import checkmate_run, rank_counts
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
 from lynxpipe.plan.loop import assign, tighten_loop
@@ -113,14 +111,7 @@ class HeuPlanner:
                                                           windows=False)
         price = dict(zip((o.policy for o in self.options), cost))
         options = [replace(o, ms=price[o.policy]) for o in count_options(self.req.costs.layer)]
-        budget = rb.activation_bytes + rb.extras_bytes - margin
-        key = ("heu-dp", cost, len(period.layers), period.inflight, period.extras,
-               period.buffer, budget)
-        found = per_cost(self.req.costs.layer, key,
-                         lambda: solve_counts_dp(options, period, budget))
-        if found is None:
-            return {g: FULL for g in rb.layers}, 0.0
-        return dict(zip(sorted(rb.layers), found[0])), 0.0
+        return rank_counts(self.req, period, options, rb, margin, ("heu-dp", cost))
 
     def _solve_classes(self, rb: RankBudget, margin: int,
                        classes: dict[tuple[float, ...], list[int]],
