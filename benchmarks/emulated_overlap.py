@@ -19,7 +19,8 @@ For each layout (TP=2, PP=2: 2 ranks, one core each) and link rate (1 Gbit, 200 
     python benchmarks/emulated_overlap.py --render-only
 
 Writes benchmarks/results/emulated_overlap/{results.json, results.md, step_time_vs_budget.png},
-the measured profiles (profiles/LAYOUT-RATE.json) and the "Emulated cluster" section of BENCHMARKS.md (`emulated_overlap_report.py`).
+the measured profiles (profiles/LAYOUT-RATE.json; `emulated_replan.py` re-plans from them) and
+the "Emulated cluster" section of BENCHMARKS.md (`emulated_overlap_report.py`).
 """
 
 from __future__ import annotations
@@ -161,6 +162,11 @@ def run_plans(plans: list[Path], par: dict[str, Any], rate: str, args: argparse.
     return json.loads(out.read_text())["ranks"]
 
 
+def profile_path(layout: str, rate: str) -> Path:
+    """Where the sweep keeps the profile it measured for (layout, rate)."""
+    return OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.json"
+
+
 def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list[Cell]:
     """Profile, plan and run one (layout, rate); returns its cells."""
     par = LAYOUTS[layout]
@@ -168,7 +174,7 @@ def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list
     prof = work / "profile.json"
     _cli(["profile", "--measure", "--emulate", rate, *_flags(par), "--out", str(prof)], log)
     # kept beside the results: every prediction can be re-planned from the profile it used
-    kept = OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.json"
+    kept = profile_path(layout, rate)
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(prof, kept)
     specs, plans = plan_cells(prof, par, args.budgets, work)

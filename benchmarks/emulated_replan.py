@@ -21,7 +21,7 @@ def main() -> int:
     differ, count = [], 0
     with tempfile.TemporaryDirectory() as work:
         for layout, rate in sorted({(c["layout"], c["rate"]) for c in data["cells"]}):
-            prof = eo.OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.json"
+            prof = eo.profile_path(layout, rate)
             if not prof.exists():
                 print(f"{layout} @ {rate}: no stored profile (run before profiles were kept)")
                 return 1

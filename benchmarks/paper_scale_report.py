@@ -190,10 +190,9 @@ def target_heu_time(rows: Sequence[Row]) -> str:
                  "left is simulation and its bookkeeping: every candidate (window-aware and "
                  "checkmate keep sets, on the balanced and the uniform partition) goes through "
                  "the tightening loop and the idle-window refinement, each a full-step "
-                 "simulation of pp × m micro-batches (stop 17, ascend-910b gpt-22b explicit @ "
-                 "15%, 526 ms: 7 simulations 133 ms, building their orders 103 ms, 16 count "
-                 "programmes 128 ms, partition 13 ms). On this shared machine the same row's "
-                 "time varied 2× between runs (a100-nvlink gpt-13b fused @ 15%: 288 and 653 ms).")
+                 "simulation of pp × m micro-batches, and the count programmes of each tightening "
+                 "round (`python benchmarks/heu_phases.py CLUSTER MODEL ATTENTION FRACTION` "
+                 "breaks one row down by phase).")
     return text
 
 
