@@ -49,6 +49,13 @@ def fit_alpha_beta(sizes_bytes: list[float], times_ms: list[float]) -> AlphaBeta
         # downwards; the median of pairwise slopes ignores such outliers
         beta = float(theilslopes(y, x)[0])
         alpha = float(np.median(y - beta * x))
+    if beta <= 0:
+        # spikes at most of the small sizes: noise only ever adds time, so the lower envelope
+        # (least time at this size or any larger one) keeps the transfer's slope
+        order = np.argsort(x)
+        x, y = x[order], np.minimum.accumulate(y[order][::-1])[::-1]
+        beta = float(theilslopes(y, x)[0])
+        alpha = float(np.median(y - beta * x))
     if alpha < 0:  # latency cannot be negative: refit through the origin
         alpha, beta = 0.0, float(x @ y / (x @ x))
     if beta < 0:
