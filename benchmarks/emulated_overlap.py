@@ -4,15 +4,21 @@ over the memory budget on the emulated cluster (SPEC §8, §9; issue 9).
 For each layout (TP=2, PP=2: 2 ranks, one core each) and link rate (1 Gbit, 200 and 100 Mbit):
   1. `lynxpipe profile --measure --emulate RATE`: the real layer's ops on this CPU (fused
      attention), collectives, p2p and contention over the shaped links -> profile.json;
-  2. budgets: BUDGETS points from the smallest feasible one to `none`'s peak; at each, every
+  2. budgets: BUDGETS points from the smallest feasible one to `none`'s peak, the lower half
+     where checkmate is predicted >= 5% slower than none (`budgets`); at each, every
      policy (none, full, selective, checkmate, adapipe, lynx-heu, lynx-opt) plans from that
      profile; the plans that fit are run (identical plans once); every policy gets the same
      communication overlaps (SPEC §4, honest baselines: the executor is shared);
   3. the ranks run every plan in one gloo world over the shaped links (`overlap_rank.py`),
      plans round-robin for ROUNDS rounds (order reversed every other round), WARMUP + STEPS
-     steps each; the slowest rank's step time, and per-rank in-loop section timers;
+     steps each; the slowest rank's step time, and per-rank in-loop section timers; after
+     each round the ranks time their ops again (`lynxpipe.profile.ops_only`): the CPU's speed
+     drifts over minutes, so the profile's op times (taken before the runs) and the runs can
+     see different CPUs;
   4. per cell (layout, rate, budget, policy): measured median with its spread, the
-     simulator's prediction, `none`'s measured time at that layout and rate, whether it fits.
+     simulator's prediction from the profile (what the planner saw) and from the profile
+     re-timed with the ops measured beside the runs (median over the rounds; communication
+     as profiled), `none`'s measured time at that layout and rate, whether it fits.
 
     python benchmarks/emulated_overlap.py              # full run (root; ~1-2 h on 2 cores)
     python benchmarks/emulated_overlap.py --quick      # one layout, one rate, 3 budgets
@@ -32,14 +38,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emulated_overlap_report import Cell, render
+from emulated_overlap_report import FORCING, Cell, render
 
-from lynxpipe.artifact import to_dict, write_json_atomic
+from lynxpipe.artifact import from_dict, to_dict, write_json_atomic
+from lynxpipe.cost.table import CostTable
 from lynxpipe.plan.planners import make, smallest_feasible_bytes
 from lynxpipe.plan.types import Plan, PlanRequest, save_plan
+from lynxpipe.profile.assemble import median_ops, retime
+from lynxpipe.profile.run import make_job
+from lynxpipe.profile.samples import OpSamples
 from lynxpipe.sim.engine import simulate
 from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 from lynxpipe.workflow import build_request
@@ -52,6 +63,7 @@ LAYOUTS = {"TP=2": dict(tp=2, pp=1, micro_batch_size=1, num_microbatches=2, seq_
 RATES = ("1gbit", "200mbit", "100mbit")
 POLICIES = ("none", "full", "selective", "checkmate", "adapipe", "lynx-heu", "lynx-opt")
 BUDGETS = 6
+OPS_REPEATS = 7  # as `lynxpipe profile --measure` times them by default
 RANK_SCRIPT = Path(__file__).resolve().parent / "overlap_rank.py"
 
 
@@ -91,20 +103,56 @@ def predicted_sections(plan: Plan, costs: Any) -> list[dict[str, float]]:
     return out
 
 
+def _slowdown(req: PlanRequest, budget: int, none_ms: float) -> float:
+    """checkmate's predicted step at `budget` over none's, minus 1."""
+    plan = make("checkmate", replace(req, budget_bytes=budget))
+    return plan.predicted.step_time_ms / none_ms - 1 if plan.predicted.fits_budget else 1.0
+
+
+def forcing_edge(req: PlanRequest, low: int, high: int) -> int:
+    """The largest budget in [low, high] where checkmate, the best on-demand plan, is predicted
+    >= FORCING slower than none (bisection to 1/200 of the range; the optimum's step time does
+    not grow with the budget). Predictions only: nothing measured picks the budgets."""
+    none_ms = make("none", replace(req, budget_bytes=high)).predicted.step_time_ms
+    if _slowdown(req, low, none_ms) < FORCING:
+        return low
+    lo, hi = low, high  # forcing at lo; not at hi (none fits there)
+    while hi - lo > max(1, (high - low) // 200):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _slowdown(req, mid, none_ms) >= FORCING else (lo, mid)
+    return lo
+
+
 def budgets(req: PlanRequest, count: int) -> list[int]:
-    """`count` budgets from the smallest feasible one to `none`'s peak, evenly spaced."""
+    """`count` budgets from the smallest feasible one to `none`'s peak. The lower half spans,
+    evenly, the budgets where on-demand recompute is predicted to cost >= 5% (the question:
+    without that, nothing is left for overlap to win), the upper half the rest up to the peak.
+    An even grid would put one or two points there: the predicted cost falls below 5% within
+    the lowest sixth to third of the range."""
     low = smallest_feasible_bytes(req)
     high = max(make("none", req).predicted.peak_memory_bytes)
-    return [low + (high - low) * k // (count - 1) for k in range(count)]
+    edge = forcing_edge(req, low, high)
+    below = count // 2
+    if edge - low < below:  # nothing forces: an even grid
+        return [low + (high - low) * k // (count - 1) for k in range(count)]
+    above = count - below
+    return ([low + (edge - low) * k // (below - 1) for k in range(below)]
+            + [edge + (high - edge) * k // above for k in range(1, above + 1)])
 
 
-def plan_cells(prof: Path, par: dict[str, Any], count: int, work: Path,
-               ) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Every (budget, policy) with its plan's prediction; the distinct fitting plans to run."""
+def requests(prof: Path, par: dict[str, Any]) -> tuple[PlanRequest, PlanRequest]:
+    """The request planned from the measured profile, and its analytic twin (same specs)."""
     probe = build_request(get_model(MODEL), get_cluster("a100-pcie"), ParallelSpec(**par),
                           budget_bytes=2**40, profile=prof, adopt_profile_dtype=True)
+    analytic = build_request(probe.model, probe.cluster, probe.parallel, budget_bytes=2**40)
+    return probe, analytic
+
+
+def plan_cells(probe: PlanRequest, budget_list: list[int], work: Path,
+               ) -> tuple[list[dict[str, Any]], list[Plan], list[Path]]:
+    """Every (budget, policy) with its plan's prediction; the distinct fitting plans to run."""
     cells, distinct = [], {}
-    for budget in budgets(probe, count):
+    for budget in budget_list:
         req = PlanRequest(model=probe.model, cluster=probe.cluster, parallel=probe.parallel,
                           budget_bytes=budget, costs=probe.costs)
         for policy in POLICIES:
@@ -119,15 +167,28 @@ def plan_cells(prof: Path, par: dict[str, Any], count: int, work: Path,
             if cell["fits"]:
                 key = _key(plan)
                 if key not in distinct:
-                    distinct[key] = save_plan(work / f"plan-{len(distinct)}.json", plan)
+                    distinct[key] = plan
                 cell["run"] = list(distinct).index(key)
             cells.append(cell)
-    return cells, list(distinct.values())
+    plans = list(distinct.values())
+    return cells, plans, [save_plan(work / f"plan-{i}.json", p) for i, p in enumerate(plans)]
+
+
+def in_run_predictions(cells: list[dict[str, Any]], plans: list[Plan], costs: CostTable,
+                       ) -> None:
+    """Each run cell's prediction again, from `costs` (op times measured beside the runs)."""
+    for cell in cells:
+        if cell["run"] is not None:
+            plan = plans[cell["run"]]
+            sim = simulate(costs, plan.partition, plan.layers, plan.order)
+            cell["inrun_predicted_ms"] = sim.step_time_ms
+            cell["inrun_predicted_sections"] = predicted_sections(plan, costs)
 
 
 def run_plans(plans: list[Path], par: dict[str, Any], rate: str, args: argparse.Namespace,
-              work: Path) -> list[Any]:
-    """All plans on the ranks of one emulated cluster; per rank, per plan, the measured steps."""
+              work: Path, ops_job: Path) -> dict[str, Any]:
+    """All plans on the ranks of one emulated cluster: {"ranks": per rank, per plan, the
+    measured steps; "ops": rank 0's op timings after each round (`ops_job`)}."""
     from lynxpipe.testbed import (
         EmulatedCluster,
         emulated,
@@ -142,7 +203,8 @@ def run_plans(plans: list[Path], par: dict[str, Any], rate: str, args: argparse.
     job = work / "job.json"
     job.write_text(json.dumps({"plans": [str(p) for p in plans], "rounds": args.rounds,
                                "warmup": args.warmup, "steps": args.steps, "seed": 7,
-                               "timeout_s": 600}))
+                               "timeout_s": 600, "ops_job": str(ops_job),
+                               "ops_dir": str(work)}))
     out = work / "measured.json"
     mbit, latency = parse_emulate(rate)
     world = par["tp"] * par["pp"]
@@ -159,12 +221,17 @@ def run_plans(plans: list[Path], par: dict[str, Any], rate: str, args: argparse.
         codes = [p.wait() for p in procs]
     if any(codes) or not out.exists():
         sys.exit(f"benchmark ranks failed (exit codes {codes}); rerun with one layout to see why")
-    return json.loads(out.read_text())["ranks"]
+    return json.loads(out.read_text())
 
 
 def profile_path(layout: str, rate: str) -> Path:
     """Where the sweep keeps the profile it measured for (layout, rate)."""
     return OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.json"
+
+
+def ops_path(layout: str, rate: str) -> Path:
+    """Where it keeps rank 0's op timings beside the runs (one per round)."""
+    return OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.ops.json"
 
 
 def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list[Cell]:
@@ -177,10 +244,17 @@ def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list
     kept = profile_path(layout, rate)
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(prof, kept)
-    specs, plans = plan_cells(prof, par, args.budgets, work)
+    probe, analytic = requests(prof, par)
+    specs, plans, paths = plan_cells(probe, budgets(probe, args.budgets), work)
     print(f"  {len(specs)} cells, {len(plans)} distinct plans to run", flush=True)
-    ranks = run_plans(plans, par, rate, args, work)
-    return [Cell.from_runs(layout, rate, spec, ranks) for spec in specs]
+    ops_job = work / "ops-job.json"
+    ops_job.write_text(json.dumps(to_dict(make_job(
+        analytic.costs, probe.model, probe.parallel, "float32", "cpu", OPS_REPEATS))))
+    out = run_plans(paths, par, rate, args, work, ops_job)
+    write_json_atomic(ops_path(layout, rate), out["ops"])
+    ops = median_ops([from_dict(OpSamples, o, "op timing") for o in out["ops"]])
+    in_run_predictions(specs, plans, retime(probe.costs, analytic.costs, ops))
+    return [Cell.from_runs(layout, rate, spec, out["ranks"]) for spec in specs]
 
 
 def main(argv: list[str] | None = None) -> None:

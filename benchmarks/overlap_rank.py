@@ -3,13 +3,17 @@
     python benchmarks/overlap_rank.py JOB.json OUT.json      # RANK, WORLD_SIZE, MASTER_ADDR set
 
 JOB.json: {"plans": [plan.json paths], "rounds": R, "warmup": W, "steps": S, "seed": N,
-"timeout_s": T}. The ranks join one gloo world over the emulated links and run every plan in
+"timeout_s": T, "ops_job": optional ProfileJob path, "ops_dir": where its timings go}. The ranks join one gloo world over the emulated links and run every plan in
 the same process group, round-robin (plan order reversed every other round, so a slow drift of
 the shared machine hits all plans alike): per round and plan, W warm-up steps then S measured
 ones. Per measured step, the slowest rank's step time is what counts (MAX all-reduce), and
 each rank's in-loop section timers are kept beside it: forward, backward, RECV waits (after
 their window's tasks), SEND completion, the DP/SP sync and the optimizer, plus hidden/exposed
-recompute and the activation peak. Rank 0 writes OUT.json.
+recompute and the activation peak. With "ops_job", after every round all ranks time their
+ops again at once (`lynxpipe.profile.ops_only`, in a child process each, as `profile --measure`
+times them): the op times of the same minutes as the round, since a CPU's speed drifts. Rank 0
+writes OUT.json: {"ranks": per rank, per plan, the measured steps; "ops": rank 0's op timings,
+one per round}.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -77,6 +82,20 @@ def run_plan(plan: Any, groups: Any, job: dict[str, Any], rnd: int) -> list[dict
     return out
 
 
+def time_ops_now(job: dict[str, Any], rank: int, rnd: int) -> dict[str, Any]:
+    """All ranks time their ops at the same moment (the cores as busy as in a step); this
+    rank's OpSamples as a dict."""
+    out = Path(job["ops_dir"]) / f"ops-r{rank}-{rnd}.json"
+    dist.barrier()
+    proc = subprocess.run([sys.executable, "-m", "lynxpipe.profile.ops_only", job["ops_job"],
+                           str(rank), str(out)], capture_output=True, text=True,
+                          timeout=job["timeout_s"])
+    if proc.returncode:
+        raise RuntimeError(f"rank {rank}: op timing failed: {proc.stderr.strip()[-400:]}")
+    dist.barrier()
+    return json.loads(out.read_text())
+
+
 def main(job_path: str, out_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(1)  # one core per rank, as `lynxpipe train` runs
@@ -88,10 +107,13 @@ def main(job_path: str, out_path: str) -> int:
     groups = make_groups(RankLayout(par.tp, par.pp, par.dp), job["timeout_s"])
     assert groups is not None
     steps: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(plans))}
+    ops: list[dict[str, Any]] = []
     for rnd in range(job["rounds"]):
         order = list(range(len(plans)))
         for i in order if rnd % 2 == 0 else reversed(order):
             steps[i] += run_plan(plans[i], groups, job, rnd)
+        if job.get("ops_job"):
+            ops.append(time_ops_now(job, rank, rnd))
         if rank == 0:
             done = statistics.median(s["global_step"] for i in steps for s in steps[i])
             print(json.dumps({"round": rnd + 1, "of": job["rounds"], "median_ms": done}),
@@ -99,7 +121,7 @@ def main(job_path: str, out_path: str) -> int:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, steps)
     if rank == 0:
-        Path(out_path).write_text(json.dumps({"ranks": gathered}))
+        Path(out_path).write_text(json.dumps({"ranks": gathered, "ops": ops}))
     gc.collect()
     dist.destroy_process_group()
     return 0

@@ -20,9 +20,9 @@ from lynxpipe.cli import app
 from lynxpipe.cost.fit import fit_alpha_beta
 from lynxpipe.cost.table import analytic_costs, load_profile
 from lynxpipe.plan.types import load_plan
-from lynxpipe.profile.assemble import assemble
+from lynxpipe.profile.assemble import assemble, median_ops, retime
 from lynxpipe.profile.measure import pieces
-from lynxpipe.profile.run import geometric_sizes
+from lynxpipe.profile.run import geometric_sizes, make_job
 from lynxpipe.profile.samples import (
     CommSamples,
     KindTimes,
@@ -100,6 +100,40 @@ def test_synthetic_timings_fit_and_split():
             == pytest.approx(weight("final_ln") / weight("ce_sum")))
     assert all(t.fwd_ms > 0 and t.dgrad_ms > 0 for c in (table.layer, table.embed, table.head)
                for t in c.op_ms.values())
+
+
+def _scaled(ops: OpSamples, k: float) -> OpSamples:
+    def kind(t: KindTimes) -> KindTimes:
+        return KindTimes({n: k * v for n, v in t.fwd_ms.items()},
+                         {n: k * v for n, v in t.bwd_ms.items()}, k * t.bwd_total_ms)
+    return OpSamples(kind(ops.layer), kind(ops.embed), kind(ops.head),
+                     k * ops.optimizer_ms_per_param)
+
+
+def test_retime_replaces_compute_and_keeps_communication():
+    model, par, base = _specs(2)
+    m = _synthetic(base)
+    table = assemble(base, m, model, par)
+    assert retime(table, base, m.ops) == table  # the same timings give the same table
+    slower = retime(table, base, _scaled(m.ops, 1.5))
+    for kind in ("layer", "embed", "head"):
+        old, new = getattr(table, kind), getattr(slower, kind)
+        assert new.fwd_ms() == pytest.approx(1.5 * old.fwd_ms())
+        assert new.bwd_ms() == pytest.approx(1.5 * old.bwd_ms())
+        assert new.coll_ms == old.coll_ms
+    assert slower.optimizer_ms_per_param == pytest.approx(3e-6)
+    assert (slower.p2p_ms, slower.contention, slower.tp_sync_ms, slower.bytes_per_param) == (
+        table.p2p_ms, table.contention, table.tp_sync_ms, table.bytes_per_param)
+
+
+def test_median_ops_is_per_op():
+    _, _, base = _specs(2)
+    ops = _synthetic(base).ops
+    runs = [_scaled(ops, 1.0), _scaled(ops, 3.0), _scaled(ops, 1.2)]
+    mid = median_ops(runs)
+    assert mid.layer.fwd_ms["fc1"] == pytest.approx(1.2 * ops.layer.fwd_ms["fc1"])
+    assert mid.head.bwd_total_ms == pytest.approx(1.2 * ops.head.bwd_total_ms)
+    assert mid.optimizer_ms_per_param == pytest.approx(1.2 * ops.optimizer_ms_per_param)
 
 
 def test_pieces_cut_where_the_module_announces():
@@ -217,3 +251,24 @@ def test_without_measure_the_analytic_table(tmp_path):
     assert table.source == "analytic"
     assert table.spec_fingerprint == fingerprint(get_model("gpt-tiny"),
                                                  ParallelSpec(tp=2, pp=1, seq_len=64))
+
+
+def test_ops_only_times_one_tp_shard_again(tmp_path: Path):
+    """What a benchmark runs beside its measured rounds: one rank's ops, no communication."""
+    import subprocess
+    import sys
+
+    from lynxpipe.artifact import from_dict, to_dict
+
+    model, par, base = _specs(2)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(to_dict(make_job(base, model, par, "float32", "cpu", 5))))
+    out = tmp_path / "ops.json"
+    proc = subprocess.run([sys.executable, "-m", "lynxpipe.profile.ops_only", str(job), "1",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ops = from_dict(OpSamples, json.loads(out.read_text()))
+    assert set(ops.layer.fwd_ms) == {op.name for op in base.layer.graph.ops}
+    assert all(v > 0 for v in ops.layer.fwd_ms.values()) and ops.layer.bwd_total_ms > 0
+    table = retime(base, base, ops)  # an analytic table re-timed: usable by the planners
+    assert table.layer.fwd_ms() == pytest.approx(sum(ops.layer.fwd_ms.values()), rel=1e-6)

@@ -3,6 +3,7 @@ the message series, and the measured table assembled over the analytic one."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ from lynxpipe.profile.samples import (
     CommSamples,
     KindTimes,
     Measurement,
+    OpSamples,
 )
 from lynxpipe.specs.model import ModelSpec
 from lynxpipe.specs.parallel import ParallelSpec
@@ -79,3 +81,30 @@ def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpe
     return replace(table, optimizer_ms_per_param=m.ops.optimizer_ms_per_param,
                    bytes_per_param=bytes_per_param, device=m.device, tp_sync_ms=sync_ms)
 
+
+
+def median_ops(runs: list[OpSamples]) -> OpSamples:
+    """Per-op medians over several timings of the same ops (e.g. one per measured round)."""
+    if not runs:
+        raise ValueError("median_ops needs at least one timing")
+
+    def kind(name: str) -> KindTimes:
+        times = [getattr(r, name) for r in runs]
+        fwd = {k: statistics.median(t.fwd_ms[k] for t in times) for k in times[0].fwd_ms}
+        bwd = {k: statistics.median(t.bwd_ms[k] for t in times) for k in times[0].bwd_ms}
+        return KindTimes(fwd, bwd, statistics.median(t.bwd_total_ms for t in times))
+
+    return OpSamples(kind("layer"), kind("embed"), kind("head"),
+                     statistics.median(r.optimizer_ms_per_param for r in runs))
+
+
+def retime(table: CostTable, base: CostTable, ops: OpSamples) -> CostTable:
+    """The measured `table` with its compute re-timed by `ops` (timed again later, e.g. in the
+    same minutes as a run on a CPU whose speed drifts): op times and the optimizer come from
+    `ops`, split as `assemble` splits them (`base`: the analytic table of the same specs);
+    communication fits, contention and the sync wait stay the table's own."""
+    kinds = {"layer": (ops.layer, base.layer), "embed": (ops.embed, base.embed),
+             "head": (ops.head, base.head)}
+    op_ms = {k: op_times(measured, analytic) for k, (measured, analytic) in kinds.items()}
+    return replace(measured_table(table, op_ms, {}, None),
+                   optimizer_ms_per_param=ops.optimizer_ms_per_param)

@@ -356,7 +356,7 @@ def _devices(job: ProfileJob, rank: int, world: int) -> tuple[str, str, str]:
     return (dev, dev, "nccl") if count >= world else (dev, "cpu", "gloo")
 
 
-def _op_context(job: ProfileJob, rank: int) -> TPContext:
+def op_context(job: ProfileJob, rank: int) -> TPContext:
     """A fake process group of the TP size: real shard widths, free collectives."""
     par = job.par
     if par.tp == 1:
@@ -378,7 +378,7 @@ def run_rank(job: ProfileJob, out: Path, rendezvous: Path) -> None:
     op_dev, comm_dev, backend = _devices(job, rank, world)
     if op_dev == "cpu":
         torch.set_num_threads(1)  # one rank per core, as the runtime runs
-    tp = _op_context(job, rank)
+    tp = op_context(job, rank)
     gpu_of_its_own = not op_dev.startswith("cuda") or rank < torch.cuda.device_count()
     cfg = BuildConfig(job.model, job.par, tp, getattr(torch, job.dtype), op_dev, job.seed)
     ops = None
@@ -410,15 +410,21 @@ def _segment_ms(job: ProfileJob, ops: OpSamples | None, dev: str) -> float:
     return float(both[0].item()) / max(1.0, float(both[1].item()))
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of a launched rank: `python -m lynxpipe.profile.comm JOB OUT RDV`."""
+def job_main(argv: list[str], body: Callable[[ProfileJob, list[str]], None]) -> int:
+    """A launched process's entry: the ProfileJob from argv[0], `body(job, argv[1:])`; a
+    LynxError becomes one line on stderr and exit 2."""
     try:
-        job = from_dict(ProfileJob, json.loads(Path(argv[0]).read_text()), "profile job")
-        run_rank(job, Path(argv[1]), Path(argv[2]))
+        body(from_dict(ProfileJob, json.loads(Path(argv[0]).read_text()), "profile job"),
+             argv[1:])
     except LynxError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of a launched rank: `python -m lynxpipe.profile.comm JOB OUT RDV`."""
+    return job_main(argv, lambda job, rest: run_rank(job, Path(rest[0]), Path(rest[1])))
 
 
 if __name__ == "__main__":
