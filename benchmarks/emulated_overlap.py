@@ -16,9 +16,10 @@ For each layout (TP=2, PP=2: 2 ranks, one core each) and link rate (1 Gbit, 200 
      drifts over minutes, so the profile's op times (taken before the runs) and the runs can
      see different CPUs;
   4. per cell (layout, rate, budget, policy): measured median with its spread, the
-     simulator's prediction from the profile (what the planner saw) and from the profile
-     re-timed with the ops measured beside the runs (median over the rounds; communication
-     as profiled), `none`'s measured time at that layout and rate, whether it fits.
+     simulator's prediction from the profile (what the planner saw, what the targets judge)
+     and, as a drift diagnostic, from the profile re-timed with the ops measured beside the
+     runs (median over the rounds; communication as profiled), `none`'s measured time at
+     that layout and rate, whether it fits.
 
     python benchmarks/emulated_overlap.py              # full run (root; ~1-2 h on 2 cores)
     python benchmarks/emulated_overlap.py --quick      # one layout, one rate, 3 budgets
