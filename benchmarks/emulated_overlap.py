@@ -110,11 +110,10 @@ def _slowdown(req: PlanRequest, budget: int, none_ms: float) -> float:
     return plan.predicted.step_time_ms / none_ms - 1 if plan.predicted.fits_budget else 1.0
 
 
-def forcing_edge(req: PlanRequest, low: int, high: int) -> int:
+def forcing_edge(req: PlanRequest, low: int, high: int, none_ms: float) -> int:
     """The largest budget in [low, high] where checkmate, the best on-demand plan, is predicted
-    >= FORCING slower than none (bisection to 1/200 of the range; the optimum's step time does
-    not grow with the budget). Predictions only: nothing measured picks the budgets."""
-    none_ms = make("none", replace(req, budget_bytes=high)).predicted.step_time_ms
+    >= FORCING slower than none (`none_ms`; bisection to 1/200 of the range; the optimum's step
+    time does not grow with the budget). Predictions only: nothing measured picks the budgets."""
     if _slowdown(req, low, none_ms) < FORCING:
         return low
     lo, hi = low, high  # forcing at lo; not at hi (none fits there)
@@ -129,13 +128,18 @@ def budgets(req: PlanRequest, count: int) -> list[int]:
     evenly, the budgets where on-demand recompute is predicted to cost >= 5% (the question:
     without that, nothing is left for overlap to win), the upper half the rest up to the peak.
     An even grid would put one or two points there: the predicted cost falls below 5% within
-    the lowest sixth to third of the range."""
+    the lowest sixth to third of the range. Fewer than 4 budgets, or nothing forcing: an even
+    grid."""
     low = smallest_feasible_bytes(req)
-    high = max(make("none", req).predicted.peak_memory_bytes)
-    edge = forcing_edge(req, low, high)
+    none = make("none", req).predicted
+    high = max(none.peak_memory_bytes)
+    even = [low + (high - low) * k // (count - 1) for k in range(count)]
     below = count // 2
-    if edge - low < below:  # nothing forces: an even grid
-        return [low + (high - low) * k // (count - 1) for k in range(count)]
+    if count < 4:
+        return even
+    edge = forcing_edge(req, low, high, none.step_time_ms)
+    if edge - low < below:
+        return even
     above = count - below
     return ([low + (edge - low) * k // (below - 1) for k in range(below)]
             + [edge + (high - edge) * k // above for k in range(1, above + 1)])

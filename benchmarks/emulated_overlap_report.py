@@ -121,7 +121,7 @@ def forcing_points(cells: list[Cell]) -> list[dict[str, Any]]:
         if none is None or cm.measured_ms < (1 + FORCING) * none:
             continue
         out.append({"layout": layout, "rate": rate, "budget_bytes": budget,
-                    "share": 1 - (heu.measured_ms - none) / (cm.measured_ms - none),
+                    "share": _share(heu.measured_ms, cm.measured_ms, none),
                     "heu_ms": heu.measured_ms, "checkmate_ms": cm.measured_ms,
                     "spread_ms": max(heu.spread_ms or 0.0, cm.spread_ms or 0.0),
                     "none_ms": none, "same_plan": heu.steps_ms == cm.steps_ms,
@@ -197,34 +197,35 @@ def _fidelity_errors(run: list[Cell], pred: str) -> tuple[list[float], list[floa
     return errors, slow
 
 
+def _fidelity_lines(run: list[Cell], pred: str, label: str, judged: bool) -> list[str]:
+    """The errors of prediction `pred`, with met/missed verdicts where it is `judged`."""
+    errors, slow = _fidelity_errors(run, pred)
+    med, worst = statistics.median(errors), max(errors)
+    verdict = (f" (targets: median ≤ 5%: {'met' if med <= 0.05 else 'missed'}; every cell "
+               f"≤ 10%: {'met' if worst <= 0.10 else 'missed'})." if judged else ".")
+    out = [f"- Simulator {label}, absolute step time: median error {med:.1%}, max {worst:.1%}, "
+           f"{sum(e <= 0.10 for e in errors)}/{len(errors)} cells within 10%{verdict}"]
+    if slow:
+        smed = statistics.median(slow)
+        verdict = (f" (target median ≤ 2%: {'met' if smed <= 0.02 else 'missed'})." if judged
+                   else ".")
+        out.append(f"  - Predicted slowdown T/T_none: median error {smed:.1%}, max "
+                   f"{max(slow):.1%}{verdict}")
+    return out
+
+
 def fidelity(cells: list[Cell]) -> list[str]:
     """Absolute error of the simulator and error of the predicted slowdown over none: judged
     on the profile taken before the runs (the prediction a user gets), and shown with the op
     times measured beside the runs (a diagnostic for the CPU's drift between the two)."""
     run = [c for c in cells if c.measured_ms is not None]
-    inrun = bool(run) and all(c.inrun_predicted_ms is not None for c in run)
-    out = []
-    for pred, label, judged in (
-            ("predicted_ms", "with the profile taken before the runs (what the planner saw)",
-             True),
-            ("inrun_predicted_ms", "with the op times measured beside the runs (diagnostic)",
-             False)):
-        if not run or (pred == "inrun_predicted_ms" and not inrun):
-            continue
-        errors, slow = _fidelity_errors(run, pred)
-        med, worst = statistics.median(errors), max(errors)
-        within = sum(e <= 0.10 for e in errors)
-        line = (f"- Simulator {label}, absolute step time: median error {med:.1%}, max "
-                f"{worst:.1%}, {within}/{len(errors)} cells within 10%")
-        out.append(line + (f" (targets: median ≤ 5%: {'met' if med <= 0.05 else 'missed'}; "
-                           f"every cell ≤ 10%: {'met' if worst <= 0.10 else 'missed'})."
-                           if judged else "."))
-        if slow:
-            smed = statistics.median(slow)
-            out.append(f"  - Predicted slowdown T/T_none: median error {smed:.1%}, max "
-                       f"{max(slow):.1%}" + (f" (target median ≤ 2%: "
-                                             f"{'met' if smed <= 0.02 else 'missed'})."
-                                             if judged else "."))
+    if not run:
+        return []
+    out = _fidelity_lines(run, "predicted_ms", "with the profile taken before the runs (what "
+                          "the planner saw)", judged=True)
+    if all(c.inrun_predicted_ms is not None for c in run):
+        out += _fidelity_lines(run, "inrun_predicted_ms", "with the op times measured beside "
+                               "the runs (diagnostic)", judged=False)
     return out
 
 

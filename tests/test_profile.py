@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-from lynxpipe.artifact import fingerprint
+from lynxpipe.artifact import fingerprint, to_dict
 from lynxpipe.cli import app
 from lynxpipe.cost.fit import fit_alpha_beta
 from lynxpipe.cost.table import analytic_costs, load_profile
@@ -258,7 +258,7 @@ def test_ops_only_times_one_tp_shard_again(tmp_path: Path):
     import subprocess
     import sys
 
-    from lynxpipe.artifact import from_dict, to_dict
+    from lynxpipe.artifact import from_dict
 
     model, par, base = _specs(2)
     job = tmp_path / "job.json"
@@ -272,3 +272,18 @@ def test_ops_only_times_one_tp_shard_again(tmp_path: Path):
     assert all(v > 0 for v in ops.layer.fwd_ms.values()) and ops.layer.bwd_total_ms > 0
     table = retime(base, base, ops)  # an analytic table re-timed: usable by the planners
     assert table.layer.fwd_ms() == pytest.approx(sum(ops.layer.fwd_ms.values()), rel=1e-6)
+
+
+def test_ops_only_refuses_bad_arguments_in_one_line(tmp_path: Path, capsys):
+    from lynxpipe.profile.ops_only import main
+
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "usage: python -m lynxpipe.profile.ops_only JOB RANK OUT")
+    assert main([str(tmp_path / "missing.json"), "0", str(tmp_path / "o.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    model, par, base = _specs(1)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(to_dict(make_job(base, model, par, "float32", "cpu", 5))))
+    assert main([str(job), "first", str(tmp_path / "o.json")]) == 2
+    assert "RANK 'first'" in capsys.readouterr().err

@@ -50,6 +50,14 @@ def op_times(measured: KindTimes, analytic: LayerCost) -> dict[str, OpTime]:
     return out
 
 
+def compute_times(ops: OpSamples, base: CostTable) -> dict[str, dict[str, OpTime]]:
+    """Per-op OpTime of the layer, embedding and head (`base`: the analytic table, whose
+    op times split the measured pieces)."""
+    kinds = {"layer": (ops.layer, base.layer), "embed": (ops.embed, base.embed),
+             "head": (ops.head, base.head)}
+    return {k: op_times(measured, analytic) for k, (measured, analytic) in kinds.items()}
+
+
 def comm_fits(comm: CommSamples | None) -> tuple[dict[str, AlphaBeta], AlphaBeta | None]:
     """Alpha-beta fits per collective kind and for p2p."""
     if comm is None:
@@ -68,9 +76,7 @@ def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpe
     keeps weights, grads and Adam's two moments (16 B/param, moments sharded over DP with the
     distributed optimizer); 16-bit keeps the analytic mixed-precision figure.
     """
-    kinds = {"layer": (m.ops.layer, base.layer), "embed": (m.ops.embed, base.embed),
-             "head": (m.ops.head, base.head)}
-    ops = {k: op_times(measured, analytic) for k, (measured, analytic) in kinds.items()}
+    ops = compute_times(m.ops, base)
     fits, p2p = comm_fits(m.comm)
     contention = m.comm.contention if m.comm is not None else None
     table = measured_table(base, ops, fits, p2p, contention)
@@ -80,7 +86,6 @@ def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpe
     sync_ms = m.comm.sync_ms if m.comm is not None and m.comm.sync_ms is not None else 0.0
     return replace(table, optimizer_ms_per_param=m.ops.optimizer_ms_per_param,
                    bytes_per_param=bytes_per_param, device=m.device, tp_sync_ms=sync_ms)
-
 
 
 def median_ops(runs: list[OpSamples]) -> OpSamples:
@@ -103,8 +108,5 @@ def retime(table: CostTable, base: CostTable, ops: OpSamples) -> CostTable:
     same minutes as a run on a CPU whose speed drifts): op times and the optimizer come from
     `ops`, split as `assemble` splits them (`base`: the analytic table of the same specs);
     communication fits, contention and the sync wait stay the table's own."""
-    kinds = {"layer": (ops.layer, base.layer), "embed": (ops.embed, base.embed),
-             "head": (ops.head, base.head)}
-    op_ms = {k: op_times(measured, analytic) for k, (measured, analytic) in kinds.items()}
-    return replace(measured_table(table, op_ms, {}, None),
+    return replace(measured_table(table, compute_times(ops, base), {}, None),
                    optimizer_ms_per_param=ops.optimizer_ms_per_param)

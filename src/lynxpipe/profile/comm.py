@@ -410,13 +410,17 @@ def _segment_ms(job: ProfileJob, ops: OpSamples | None, dev: str) -> float:
     return float(both[0].item()) / max(1.0, float(both[1].item()))
 
 
-def job_main(argv: list[str], body: Callable[[ProfileJob, list[str]], None]) -> int:
-    """A launched process's entry: the ProfileJob from argv[0], `body(job, argv[1:])`; a
-    LynxError becomes one line on stderr and exit 2."""
+def job_main(argv: list[str], body: Callable[[ProfileJob, list[str]], None], usage: str) -> int:
+    """A launched process's entry: the ProfileJob from argv[0], `body(job, argv[1:])`. `usage`
+    names the module and its arguments (their count is checked). Wrong arguments, an unreadable
+    job or a LynxError become one line on stderr and exit 2."""
+    if len(argv) != len(usage.split()) - 1:
+        print(f"usage: python -m {usage}", file=sys.stderr, flush=True)
+        return 2
     try:
-        body(from_dict(ProfileJob, json.loads(Path(argv[0]).read_text()), "profile job"),
-             argv[1:])
-    except LynxError as exc:
+        data = json.loads(Path(argv[0]).read_text())
+        body(from_dict(ProfileJob, data, "profile job"), argv[1:])
+    except (LynxError, OSError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
@@ -424,7 +428,8 @@ def job_main(argv: list[str], body: Callable[[ProfileJob, list[str]], None]) -> 
 
 def main(argv: list[str]) -> int:
     """Entry point of a launched rank: `python -m lynxpipe.profile.comm JOB OUT RDV`."""
-    return job_main(argv, lambda job, rest: run_rank(job, Path(rest[0]), Path(rest[1])))
+    return job_main(argv, lambda job, rest: run_rank(job, Path(rest[0]), Path(rest[1])),
+                    "lynxpipe.profile.comm JOB OUT RDV")
 
 
 if __name__ == "__main__":

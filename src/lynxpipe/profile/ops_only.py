@@ -45,12 +45,14 @@ def time_rank_ops(job: ProfileJob, rank: int) -> OpSamples:
 
 
 def _write(job: ProfileJob, rest: list[str]) -> None:
+    if not rest[0].isdigit():
+        raise LynxError(f"RANK {rest[0]!r} must be a rank number")
     write_json_atomic(Path(rest[1]), to_dict(time_rank_ops(job, int(rest[0]))))
 
 
 def main(argv: list[str]) -> int:
     """Entry point: `python -m lynxpipe.profile.ops_only JOB RANK OUT`."""
-    return job_main(argv, _write)
+    return job_main(argv, _write, "lynxpipe.profile.ops_only JOB RANK OUT")
 
 
 if __name__ == "__main__":
