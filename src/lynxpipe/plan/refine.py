@@ -44,9 +44,10 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
             spare[use.window] = c * use.wait_ms - use.used_ms
     moves: dict[TaskKey, Window] = {}
     seg: dict[LayerPolicy, LayerOption] = {}
+    host_of = {w: w.host() for w in spare}
     for rank, actions in enumerate(plan.order.ranks):
         index = {(a.kind, a.mb, a.stage): i for i, a in enumerate(actions) if a.kind != "R"}
-        hosted = sorted(((index[w.host()], w) for w in spare if w.host() in index),
+        hosted = sorted(((index[h], w) for w, h in host_of.items() if h in index),
                         key=lambda iw: iw[0])
         starts = [i for i, _ in hosted]
         held = np.array(sim.action_peak_bytes(rank), dtype=float)

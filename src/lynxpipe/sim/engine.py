@@ -4,11 +4,13 @@ TP ranks of a stage run identical programs, so one simulated rank stands for its
 TP collectives are fixed-duration blocking steps. Ranks advance round-robin until each blocks on a
 RECV whose SEND has not been simulated yet; no progress means deadlock.
 
-Planners call `simulate` ~30 times per run, so the F/B loops are written for speed: each stage's
+Planners call `simulate` ~30 times per run, so it is written for speed: an F or B that hosts no
+recompute (every one of an on-demand plan) applies its stage's summary (`sim.fast`) and leaves
+its memory points and window records to be built if anyone reads them; elsewhere each stage's
 steps are flattened once into tuples, the rank's clock and counters live in locals, and a window
-that hosts no recompute (the common case) takes a short path, WindowUse records are built in bulk
-at the end, and the cyclic GC is paused during a run. Every float is still accumulated in the same
-order as the straightforward interpreter, so results are bit-for-bit unchanged.
+that hosts no recompute takes a short path; the cyclic GC is paused during a run. Every float is
+still accumulated in the same order as the straightforward interpreter, so results are
+bit-for-bit unchanged (tested against `short_path=False`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import functools
 import gc
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 from lynxpipe.cost.memory import rank_params, static_bytes
@@ -25,8 +26,10 @@ from lynxpipe.errors import LynxError
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV, is_planned
+from lynxpipe.sim import fast
+from lynxpipe.sim.fast import RankState, Replay
 from lynxpipe.sim.program import Program, Task, compile_program
-from lynxpipe.sim.result import RankStats, SimResult, TraceEvent, WindowUse
+from lynxpipe.sim.result import RankStats, SimResult, Timeline, TraceEvent, WindowUse
 
 WindowKey = tuple[str, int, int, int, int, str]
 """A window's fields in order (kind, mb, stage, layer, step, recv). `Window` is a named tuple, so
@@ -48,33 +51,14 @@ def _window_of(key: WindowKey) -> Window:
     return Window(*key)
 
 
-@dataclass(slots=True)
-class _Rank:
-    """Mutable state of one simulated rank (slots: its fields are read in the hot loops)."""
-
-    rank: int
-    actions: tuple[Action, ...]
-    idx: int = 0
-    t: float = 0.0
-    comm_free: float = 0.0
-    mem: int = 0
-    peak: int = 0
-    compute_ms: float = 0.0
-    comm_exposed_ms: float = 0.0
-    idle_ms: float = 0.0
-    recompute_hidden_ms: float = 0.0
-    recompute_exposed_ms: float = 0.0
-    pinned: dict[Window, list[Action]] = field(default_factory=dict)
-    done: set[tuple[int, int, int]] = field(default_factory=set)
-    timeline: list[tuple[float, int]] = field(default_factory=list)
-    marks: list[int] = field(default_factory=list)
-
-
 class Simulator:
     """Simulates one training step of a plan; build once, `run()` once."""
 
     def __init__(self, costs: CostTable, partition: tuple[int, ...],
-                 layers: tuple[LayerPolicy, ...], order: PipelineOrder, trace: bool = False):
+                 layers: tuple[LayerPolicy, ...], order: PipelineOrder, trace: bool = False,
+                 short_path: bool = True):
+        """`short_path=False` walks every F/B step by step: the reference the short path
+        (`sim.fast`) is tested against; results are bit-for-bit the same either way."""
         if len(partition) != order.num_stages:
             raise LynxError(f"partition has {len(partition)} stages, order has {order.num_stages}")
         if sum(partition) != len(layers):
@@ -96,6 +80,10 @@ class Simulator:
         self._inline = costs.contention > 0 and not trace
         self._fwd = [self._fwd_entries(s) for s in range(order.num_stages)]
         self._bwd = [self._bwd_entries(s) for s in range(order.num_stages)]
+        # the short path (`sim.fast`) stands for the inline window path only
+        self._hosts = fast.pinned_hosts(order) if self._inline and short_path else ()
+        self._summaries = fast.summaries(self._fwd, self._bwd, costs.tp_sync_ms,
+                                         costs.grad_buffer_bytes)
 
     # -- set-up ------------------------------------------------------------------------------
     def _units(self, stage: int) -> list[tuple[int, Program]]:
@@ -118,11 +106,11 @@ class Simulator:
                 for layer, prog in reversed(self._units(stage)) for s in prog.bwd]
 
     # -- helpers -----------------------------------------------------------------------------
-    def _event(self, st: _Rank, stream: str, name: str, cat: str, start: float, dur: float) -> None:
+    def _event(self, st: RankState, stream: str, name: str, cat: str, start: float, dur: float) -> None:
         if self.trace and dur > 0:
             self.events.append(TraceEvent(st.rank, stream, name, cat, start, dur))
 
-    def _alloc(self, st: _Rank, nbytes: int) -> None:
+    def _alloc(self, st: RankState, nbytes: int) -> None:
         if not nbytes:
             return
         st.mem += nbytes
@@ -136,7 +124,7 @@ class Simulator:
                             f"{action.segment}, so there is nothing to recompute")
         return tasks[action.segment]
 
-    def _window(self, st: _Rank, key: WindowKey, wait_ms: float, label: str) -> None:
+    def _window(self, st: RankState, key: WindowKey, wait_ms: float, label: str) -> None:
         """Idle for `wait_ms` on the compute stream, filled with the tasks pinned to `key`.
 
         Compute inside a window gets `contention` of it; what does not fit runs after it.
@@ -157,7 +145,7 @@ class Simulator:
             st.comm_exposed_ms += idle
         st.t += wait_ms + max(0.0, used - capacity)
 
-    def _through(self, st: _Rank, key: WindowKey, wait_ms: float, t: float, mem: int,
+    def _through(self, st: RankState, key: WindowKey, wait_ms: float, t: float, mem: int,
                  peak: int) -> tuple[float, int, int]:
         """Pass a collective's window opening at `t`; the caller keeps clock, memory and peak in
         locals, so they go in and come back out."""
@@ -172,7 +160,7 @@ class Simulator:
         st.comm_exposed_ms += sync
         return st.t + sync, st.mem, st.peak
 
-    def _fill(self, st: _Rank, pinned: list[Action], wait_ms: float, capacity: float) -> float:
+    def _fill(self, st: RankState, pinned: list[Action], wait_ms: float, capacity: float) -> float:
         """Run the recompute `pinned` to a window opening at st.t; returns the compute used.
 
         The clock stays at the window start meanwhile, so allocations are stamped st.t.
@@ -213,7 +201,36 @@ class Simulator:
         return used
 
     # -- actions -----------------------------------------------------------------------------
-    def _forward(self, st: _Rank, action: Action) -> None:
+    def _compute(self, st: RankState, action: Action) -> None:
+        """An F or B: the short path when nothing is pinned to it, else step by step."""
+        if self._hosts and (action.kind, action.mb, action.stage) not in self._hosts[st.rank]:
+            self._short(st, action, self._summaries[(action.kind, action.stage)])
+        elif action.kind == "F":
+            self._forward(st, action)
+        else:
+            self._backward(st, action)
+
+    def _short(self, st: RankState, action: Action, s: fast.Summary) -> None:
+        replay = fast.apply(st, s, action)
+        if s.points:
+            st.timeline.append(replay)
+            st.extra += s.points - 1
+        if s.windows:
+            self.windows.append(replay)
+
+    def _replayed(self, replay: Replay) -> Replay:
+        """Walk a short-path action again, step by step, for its points and window records."""
+        if replay.points is None:
+            st = RankState(replay.rank, (), t=replay.t_ms, mem=replay.mem_bytes)
+            outer, self.windows = self.windows, replay.records
+            try:
+                (self._forward if replay.action.kind == "F" else self._backward)(st, replay.action)
+            finally:
+                self.windows = outer
+            replay.points = st.timeline
+        return replay
+
+    def _forward(self, st: RankState, action: Action) -> None:
         mb, stage = action.mb, action.stage
         start = t = st.t
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
@@ -232,7 +249,7 @@ class Simulator:
         if self.trace:
             self._event(st, "compute", f"F{mb} s{stage}", "forward", start, t - start)
 
-    def _backward(self, st: _Rank, action: Action) -> None:
+    def _backward(self, st: RankState, action: Action) -> None:
         mb, stage = action.mb, action.stage
         start = t = st.t
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
@@ -262,7 +279,7 @@ class Simulator:
         if self.trace:
             self._event(st, "compute", f"B{mb} s{stage}", "backward", start, st.t - start)
 
-    def _on_demand(self, st: _Rank, mb: int, layer: int, segment: int,
+    def _on_demand(self, st: RankState, mb: int, layer: int, segment: int,
                    tasks: dict[int, Task]) -> None:
         """Run a recompute right before the backward that needs it (exposed)."""
         key = (mb, layer, segment)
@@ -277,7 +294,7 @@ class Simulator:
         st.done.add(key)
         self._alloc(st, task.alloc_bytes)
 
-    def _send(self, st: _Rank, action: Action) -> None:
+    def _send(self, st: RankState, action: Action) -> None:
         direction, dest = ("F", action.stage + 1) if action.kind == "SEND_F" else ("B", action.stage - 1)
         begin = max(st.t, st.comm_free)
         st.comm_free = begin + self.costs.p2p_ms
@@ -286,7 +303,7 @@ class Simulator:
             self._event(st, "comm", f"{action.kind} mb{action.mb}", "p2p", begin,
                         self.costs.p2p_ms)
 
-    def _recv(self, st: _Rank, action: Action) -> bool:
+    def _recv(self, st: RankState, action: Action) -> bool:
         arrival = self.arrivals.get((action.kind[-1], action.mb, action.stage))
         if arrival is None:
             return False
@@ -302,18 +319,18 @@ class Simulator:
             self._window(st, key, wait_ms, f"wait {action.kind} mb{action.mb}")
         return True
 
-    def _pin(self, st: _Rank, action: Action) -> None:
+    def _pin(self, st: RankState, action: Action) -> None:
         """An R action: hold it for its window (on demand ones run at their backward anyway)."""
         w = action.window
         if w is not None and is_planned(w.kind):
             st.pinned.setdefault(w, []).append(action)
 
-    _HANDLERS: ClassVar[dict[str, Callable[[Simulator, _Rank, Action], None]]] = {
-        "F": _forward, "B": _backward, "SEND_F": _send, "SEND_B": _send, "R": _pin}
+    _HANDLERS: ClassVar[dict[str, Callable[[Simulator, RankState, Action], None]]] = {
+        "F": _compute, "B": _compute, "SEND_F": _send, "SEND_B": _send, "R": _pin}
     """Actions other than RECV (which may block), as plain functions: bound methods stored on
     the instance would make it a reference cycle, which `run` leaves to the collector."""
 
-    def _advance(self, st: _Rank) -> bool:
+    def _advance(self, st: RankState) -> bool:
         """Execute `st`'s actions until the end or a RECV whose data is not yet known; returns
         whether any action ran. Unknown kinds are skipped as no-ops."""
         handlers = self._HANDLERS
@@ -323,7 +340,7 @@ class Simulator:
         while idx < end:
             action = actions[idx]
             kind = action.kind
-            marks.append(len(st.timeline))
+            marks.append(len(st.timeline) + st.extra)
             if kind == "RECV_F" or kind == "RECV_B":
                 if not self._recv(st, action):
                     marks.pop()  # not run yet: retried once its data is known
@@ -357,7 +374,7 @@ class Simulator:
                 gc.enable()
 
     def _run(self) -> SimResult:
-        states = [_Rank(r, acts) for r, acts in enumerate(self.order.ranks)]
+        states = [RankState(r, acts) for r, acts in enumerate(self.order.ranks)]
         active = list(states)
         while active:
             progressed = False
@@ -369,7 +386,7 @@ class Simulator:
                 raise LynxError(f"pipeline order deadlocks: {stuck}")
         return self._result(states)
 
-    def _result(self, states: list[_Rank]) -> SimResult:
+    def _result(self, states: list[RankState]) -> SimResult:
         tails = [self._tail_ms(st.rank) for st in states]
         end = max((st.t + tail for st, (tail, _) in zip(states, tails)), default=0.0)
         ranks = []
@@ -383,10 +400,15 @@ class Simulator:
             ranks.append(RankStats(st.rank, st.compute_ms, st.comm_exposed_ms, idle,
                                    st.recompute_hidden_ms, st.recompute_exposed_ms, tail,
                                    st.peak, static))
-        timeline = tuple(tuple(st.timeline) for st in states)
-        return SimResult(end, tuple(ranks), timeline, tuple(self.events),
-                         tuple(map(WindowUse._make, self.windows)),
+        return SimResult(end, tuple(ranks), lambda: self._details(states), tuple(self.events),
                          tuple(tuple(st.marks) for st in states))
+
+    def _details(self, states: list[RankState]) -> tuple[Timeline, tuple[WindowUse, ...]]:
+        """The memory timeline and window records, short-path actions walked again."""
+        return (tuple(fast.expand(st.timeline, lambda r: self._replayed(r).points)
+                      for st in states),
+                tuple(map(WindowUse._make, fast.expand(self.windows,
+                                                       lambda r: self._replayed(r).records))))
 
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],
