@@ -17,6 +17,7 @@ on regular stages it runs in milliseconds (tested against the MILP and exhaustiv
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -28,7 +29,6 @@ from lynxpipe.plan.period import Period
 from lynxpipe.schedule.policy import LayerPolicy
 
 INF = float("inf")
-SKYLINE_BLOCK = 600  # states per pairwise dominance table
 
 
 def _rows(period: Period, budget: int) -> tuple[float, float]:
@@ -39,10 +39,10 @@ def _rows(period: Period, budget: int) -> tuple[float, float]:
     return forward, backward
 
 
-def _hull(options: list[CountOption]) -> list[tuple[float, float]]:
-    """Lower convex envelope of (kept bytes, ms) over `options`, non-increasing in kept bytes:
-    the least mean time per layer of any mix whose mean kept bytes is at most x."""
-    pts = sorted({(float(o.kept_bytes), o.ms) for o in options})
+def _hull(points: tuple[tuple[float, float], ...]) -> list[tuple[float, float]]:
+    """Lower convex envelope of (kept bytes, ms) `points`, non-increasing in kept bytes: the
+    least mean time per layer of any mix whose mean kept bytes is at most x."""
+    pts = sorted(set(points))
     hull: list[tuple[float, float]] = []
     for x, y in pts:
         if hull and y >= hull[-1][1]:
@@ -55,10 +55,12 @@ def _hull(options: list[CountOption]) -> list[tuple[float, float]]:
 
 
 @lru_cache(maxsize=64)
-def _suffix_hulls(options: tuple[CountOption, ...]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """Per option j, the hull of options j+1.. as (kept bytes, ms) arrays (the same options
-    are asked about at many budgets: by the tightening loop and `least_budget`)."""
-    hulls = (_hull(list(options[j + 1:])) for j in range(len(options)))
+def _suffix_hulls(points: tuple[tuple[float, float], ...],
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Per option j, the hull of options j+1.. as (kept bytes, ms) arrays; keyed by the
+    options' (kept bytes, ms) alone, all a hull reads (the same options are asked about at
+    many budgets: by the tightening loop and `least_budget`)."""
+    hulls = (_hull(points[j + 1:]) for j in range(len(points)))
     return tuple((np.array([x for x, _ in h]), np.array([y for _, y in h])) for h in hulls)
 
 
@@ -69,8 +71,8 @@ def _least_ms(hull: tuple[np.ndarray, np.ndarray], layers: np.ndarray, cap: np.n
     xs, ys = hull
     if not len(xs):
         return np.where(layers == 0, 0.0, INF)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.interp(cap / np.maximum(layers, 1), xs, ys) * layers
+    # no warnings to silence: the divisor is >= 1, cap is finite or +inf, the hull finite
+    mean = np.interp(cap / np.maximum(layers, 1), xs, ys) * layers
     return np.where(layers == 0, 0.0, np.where(cap < xs[0] * layers, INF, mean))
 
 
@@ -140,7 +142,7 @@ def _programme(options: list[CountOption], num: int, n: int, forward: float, bac
     front = _Frontier(np.zeros(1), np.zeros(1), np.full(1, INF), np.zeros(1, dtype=np.int64))
     levels: list[tuple[np.ndarray, np.ndarray]] = []
     spare = forward / n
-    hulls = _suffix_hulls(tuple(options))
+    hulls = _suffix_hulls(tuple((float(o.kept_bytes), o.ms) for o in options))
     for o, hull in zip(options, hulls):
         front, parent, count = _successors(front, o, num, n, forward, backward)
         cap = np.minimum(spare - front.prefix,
@@ -182,45 +184,30 @@ def _successors(s: _Frontier, o: CountOption, num: int, n: int, forward: float,
 
 def _skyline(s: _Frontier) -> np.ndarray:
     """Indices of the states not dominated, at the same layer count, in (ms, prefix bytes,
-    -allowance); of equal states the first is kept."""
+    -allowance); of equal states the first is kept.
+
+    Sorted by time, only an earlier state can dominate, and by transitivity testing against
+    the earlier survivors suffices; they are kept as a staircase (prefix up, allowance
+    strictly up), so each test is one bisection: a sweep, not a pairwise table.
+    """
+    if len(s.ms) <= 1:  # most levels of a regular stage keep one state
+        return np.arange(len(s.ms))
     order = np.lexsort((-s.allowance, s.prefix, s.ms, s.layers))
-    _, prefix, room, k = (a[order] for a in s)
-    if len(order) <= SKYLINE_BLOCK:  # one pairwise table, layer counts kept apart by a mask
-        return np.sort(order[_undominated(prefix, room, k)])
-    cuts = [0, *(np.flatnonzero(np.diff(k)) + 1), len(order)]
-    return np.sort(np.concatenate([order[lo:hi][_blocked(prefix[lo:hi], room[lo:hi])]
-                                   for lo, hi in zip(cuts, cuts[1:])]))
-
-
-def _undominated(prefix: np.ndarray, room: np.ndarray, k: np.ndarray | None = None,
-                 ) -> np.ndarray:
-    """Mask of sorted states no earlier state (same k) beats in bytes and room: sorted by
-    time, only an earlier state can dominate, and by transitivity testing against every
-    earlier state equals testing against the earlier survivors."""
-    idx = np.arange(len(prefix))
-    beats = _beats(prefix, room, prefix, room) & (idx[:, None] < idx[None, :])
-    if k is not None:
-        beats &= k[:, None] == k[None, :]
-    return ~beats.any(axis=0)
-
-
-def _blocked(prefix: np.ndarray, room: np.ndarray) -> np.ndarray:
-    """`_undominated` for one layer count, a block at a time against itself and the survivors
-    so far, so no pairwise table exceeds survivors x SKYLINE_BLOCK."""
-    keep = np.zeros(len(prefix), dtype=bool)
-    for lo in range(0, len(prefix), SKYLINE_BLOCK):
-        block = slice(lo, lo + SKYLINE_BLOCK)
-        mask = _undominated(prefix[block], room[block])
-        alive = np.flatnonzero(keep[:lo])
-        if len(alive):
-            mask &= ~_beats(prefix[alive], room[alive], prefix[block], room[block]).any(axis=0)
-        keep[block] = mask
-    return keep
-
-
-def _beats(p_a: np.ndarray, w_a: np.ndarray, p_b: np.ndarray, w_b: np.ndarray) -> np.ndarray:
-    """[i, j]: state a_i holds no more bytes than b_j and leaves it no less room."""
-    return (p_a[:, None] <= p_b[None, :]) & (w_a[:, None] >= w_b[None, :])
+    keep: list[int] = []
+    group, stair_p, stair_w = None, [], []
+    for i, (p, w, k) in enumerate(zip(s.prefix[order].tolist(), s.allowance[order].tolist(),
+                                      s.layers[order].tolist())):
+        if k != group:
+            group, stair_p, stair_w = k, [], []
+        j = bisect.bisect_right(stair_p, p)
+        if j and stair_w[j - 1] >= w:
+            continue  # a survivor holds no more bytes and leaves no less room
+        keep.append(i)
+        lo = hi = bisect.bisect_left(stair_p, p)
+        while hi < len(stair_w) and stair_w[hi] <= w:
+            hi += 1
+        stair_p[lo:hi], stair_w[lo:hi] = [p], [w]
+    return np.sort(order[keep])
 
 
 def solve_counts_dp(options: list[CountOption], period: Period, budget: int,

@@ -16,12 +16,13 @@ ON_DEMAND = Window(ON_DEMAND_KIND)
 def required_tasks(graph: LayerGraph, layers: tuple[LayerPolicy, ...],
                    num_microbatches: int) -> list[TaskKey]:
     """Every recompute task the policies imply, one per (micro-batch, layer, segment)."""
+    segments: dict[LayerPolicy, list[int]] = {}  # a stage's layers mostly share policies
     per_layer: list[list[int]] = []
     for pol in layers:
-        if pol.full:
-            per_layer.append([-1])
-        else:
-            per_layer.append(sorted({graph.tensor(n).segment for n in pol.dropped}))
+        if pol not in segments:
+            segments[pol] = [-1] if pol.full else sorted({graph.tensor(n).segment
+                                                           for n in pol.dropped})
+        per_layer.append(segments[pol])
     return [(mb, layer, seg) for mb in range(num_microbatches)
             for layer, segs in enumerate(per_layer) for seg in segs]
 
@@ -35,7 +36,8 @@ def insert_recompute(order: PipelineOrder, partition: tuple[int, ...], graph: La
     for key in required_tasks(graph, layers, order.num_microbatches):
         mb, layer, seg = key
         window = placement.get(key, ON_DEMAND)
-        host = window.host() or ("B", mb, stage_of[layer])
+        host = ("B", mb, stage_of[layer]) if window is ON_DEMAND else (
+            window.host() or ("B", mb, stage_of[layer]))
         by_host.setdefault(host, []).append(Action("R", mb, stage_of[layer], layer, seg, window))
     ranks = []
     for actions in order.ranks:

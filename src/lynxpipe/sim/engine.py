@@ -27,7 +27,7 @@ from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV, is_planned
 from lynxpipe.sim import fast
-from lynxpipe.sim.fast import RankState, Replay
+from lynxpipe.sim.fast import RankState
 from lynxpipe.sim.program import Program, Task, compile_program
 from lynxpipe.sim.result import RankStats, SimResult, Timeline, TraceEvent, WindowUse
 
@@ -218,18 +218,6 @@ class Simulator:
         if s.windows:
             self.windows.append(replay)
 
-    def _replayed(self, replay: Replay) -> Replay:
-        """Walk a short-path action again, step by step, for its points and window records."""
-        if replay.points is None:
-            st = RankState(replay.rank, (), t=replay.t_ms, mem=replay.mem_bytes)
-            outer, self.windows = self.windows, replay.records
-            try:
-                (self._forward if replay.action.kind == "F" else self._backward)(st, replay.action)
-            finally:
-                self.windows = outer
-            replay.points = st.timeline
-        return replay
-
     def _forward(self, st: RankState, action: Action) -> None:
         mb, stage = action.mb, action.stage
         start = t = st.t
@@ -404,12 +392,11 @@ class Simulator:
                          tuple(tuple(st.marks) for st in states))
 
     def _details(self, states: list[RankState]) -> tuple[Timeline, tuple[WindowUse, ...]]:
-        """The memory timeline and window records, short-path actions walked again."""
-        return (tuple(fast.expand(st.timeline, lambda r: self._replayed(r).points)
-                      for st in states),
-                tuple(map(WindowUse._make, fast.expand(self.windows,
-                                                       lambda r: self._replayed(r).records))))
-
+        """The memory timeline and window records, short-path actions walked from their
+        summaries."""
+        return (tuple(fast.expand(st.timeline, lambda r: fast.walk(r)[0]) for st in states),
+                tuple(map(WindowUse._make,
+                          fast.expand(self.windows, lambda r: fast.walk(r)[1]))))
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],
              order: PipelineOrder, trace: bool = False) -> SimResult:

@@ -5,18 +5,22 @@ early (every action of an on-demand plan, the forwards of a windowed one). Their
 rank is then the same for every micro-batch: the same additions to its clock and counters, the
 same memory changes. A `Summary` holds those additions in the order the step-by-step walk makes
 them, so the clock and counters come out bit-for-bit the same, and the memory's net change and
-highest point exactly (integers). What a summary does not build, the memory points and window
-records, a `Replay` builds on demand by walking the action again the long way: a planner reads
-them for one simulation in ~10.
+highest point exactly (integers). The memory points and window records, which a planner reads
+for about one simulation in ten, are built from a `Replay` only when read (`walk`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
-from lynxpipe.schedule.windows import is_planned
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
+
+Event = tuple[int, str, int, int, float]
+"""(clock additions made before it, window kind or "" for a memory change, layer, step,
+the window's wait_ms or the change in bytes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,82 +43,126 @@ class Summary:
     """Memory-timeline points the action adds."""
     windows: int
     """Window records the action adds."""
+    events: tuple[Event, ...]
+    """Memory changes and window openings, in order, each after its clock additions."""
 
 
 class Replay:
-    """An action run on the short path: enough to walk it again for its timeline points and
-    window records (filled in by the simulator the first time anyone asks)."""
+    """An action run on the short path: its summary and where it started (time, memory), all
+    `walk` needs for its timeline points and window records."""
 
-    __slots__ = ("action", "rank", "t_ms", "mem_bytes", "points", "records")
+    __slots__ = ("action", "rank", "summary", "t_ms", "mem_bytes", "walked")
 
-    def __init__(self, action: Action, rank: int, t_ms: float, mem_bytes: int) -> None:
-        self.action, self.rank, self.t_ms, self.mem_bytes = action, rank, t_ms, mem_bytes
-        self.points: list[tuple[float, int]] | None = None
-        self.records: list[tuple] = []
+    def __init__(self, action: Action, rank: int, summary: Summary, t_ms: float,
+                 mem_bytes: int) -> None:
+        self.action, self.rank, self.summary = action, rank, summary
+        self.t_ms, self.mem_bytes = t_ms, mem_bytes
+        self.walked: tuple[list[tuple[float, int]], list[tuple]] | None = None
 
 
-def _summary(clock: list[float], compute: list[float], comm: list[float],
-             recompute: list[float], changes: list[int], windows: int) -> Summary:
-    mem, high = 0, None
-    for nbytes in changes:
-        mem += nbytes
-        high = mem if high is None else max(high, mem)
-    return Summary(tuple(clock), tuple(compute), tuple(comm), tuple(recompute), mem, high,
-                   len(changes), windows)
+@lru_cache(maxsize=1 << 18)
+def _window(key: tuple[str, int, int, int, int, str]) -> Window:
+    return Window(*key)  # shared across replays and runs, as the step-by-step path does
+
+
+def walk(replay: Replay) -> tuple[list[tuple[float, int]], list[tuple]]:
+    """The (time, bytes) points and (rank, window, start, wait, used) records the step-by-step
+    walk of the action makes: the same clock additions, in the same order."""
+    if replay.walked is None:
+        s, action = replay.summary, replay.action
+        t, mem, done, clock = replay.t_ms, replay.mem_bytes, 0, s.clock_ms
+        points: list[tuple[float, int]] = []
+        records: list[tuple] = []
+        for at, kind, layer, step, value in s.events:
+            while done < at:
+                t += clock[done]
+                done += 1
+            if kind:
+                records.append((replay.rank, _window((kind, action.mb, action.stage, layer, step,
+                                                      "")), t, value, 0.0))
+            else:
+                mem += value
+                points.append((t, mem))
+        replay.walked = points, records
+    return replay.walked
+
+
+class _Walk:
+    """Collects a summary while mirroring the step-by-step walk."""
+
+    def __init__(self) -> None:
+        self.clock: list[float] = []
+        self.compute: list[float] = []
+        self.comm: list[float] = []
+        self.recompute: list[float] = []
+        self.events: list[Event] = []
+
+    def change(self, nbytes: int) -> None:
+        self.events.append((len(self.clock), "", 0, 0, nbytes))
+
+    def window(self, kind: str, layer: int, step: int, wait_ms: float) -> None:
+        self.events.append((len(self.clock), kind, layer, step, wait_ms))
+
+    def summary(self) -> Summary:
+        mem, high, changes, windows = 0, None, 0, 0
+        for _, kind, _, _, value in self.events:
+            if kind:
+                windows += 1
+                continue
+            mem += value
+            changes += 1
+            high = mem if high is None else max(high, mem)
+        return Summary(tuple(self.clock), tuple(self.compute), tuple(self.comm),
+                       tuple(self.recompute), mem, high, changes, windows, tuple(self.events))
 
 
 def forward_summary(entries: list, sync_ms: float) -> Summary:
-    """The additions `Simulator._forward_steps` makes over a stage's forward entries
+    """The additions `Simulator._forward` makes over a stage's forward entries
     (layer, compute_ms, alloc_bytes, coll_ms, step), each window empty."""
-    clock: list[float] = []
-    compute: list[float] = []
-    comm: list[float] = []
-    changes: list[int] = []
-    for _, ms, nbytes, coll_ms, _ in entries:
-        clock.append(ms)
-        compute.append(ms)
+    w = _Walk()
+    for layer, ms, nbytes, coll_ms, step in entries:
+        w.clock.append(ms)
+        w.compute.append(ms)
         if nbytes:
-            changes.append(nbytes)
+            w.change(nbytes)
         if coll_ms >= 0:
-            clock += [coll_ms, sync_ms]
-            comm.append(coll_ms + sync_ms)
-    return _summary(clock, compute, comm, [], changes, len(comm))
+            w.window(FWD_COLL, layer, step, coll_ms)
+            w.clock += [coll_ms, sync_ms]
+            w.comm.append(coll_ms + sync_ms)
+    return w.summary()
 
 
 def backward_summary(entries: list, sync_ms: float, grad_buffer_bytes: int) -> Summary:
-    """The additions `Simulator._backward_steps` makes over a stage's backward entries, each
-    window empty and every needed task run on demand (once), then the gradient buffer freed
+    """The additions `Simulator._backward` makes over a stage's backward entries, each window
+    empty and every needed task run on demand (once), then the gradient buffer freed
     (`grad_buffer_bytes`, 0 on the last stage)."""
-    clock: list[float] = []
-    compute: list[float] = []
-    comm: list[float] = []
-    recompute: list[float] = []
-    changes: list[int] = []
+    w = _Walk()
     ran: set[tuple[int, int]] = set()
-    windows = 0
-    for layer, tasks, needs, ms, overlap_ms, overlap_wall_ms, wait_ms, coll_ms, nfree, _ \
+    for layer, tasks, needs, ms, overlap_ms, overlap_wall_ms, wait_ms, coll_ms, nfree, step \
             in entries:
         for seg in needs:
             if (layer, seg) in ran:
                 continue
             ran.add((layer, seg))
             task = tasks[seg]
-            clock.append(task.duration_ms)
-            recompute.append(task.duration_ms)
+            w.clock.append(task.duration_ms)
+            w.recompute.append(task.duration_ms)
             if task.alloc_bytes:
-                changes.append(task.alloc_bytes)
-        clock.append(ms)
-        compute.append(ms)
+                w.change(task.alloc_bytes)
+        w.clock.append(ms)
+        w.compute.append(ms)
         if coll_ms >= 0:
-            clock += [overlap_wall_ms, wait_ms, sync_ms]
-            compute.append(overlap_ms)
-            comm += [overlap_wall_ms - overlap_ms, wait_ms + sync_ms]
-            windows += 1
+            w.clock.append(overlap_wall_ms)
+            w.compute.append(overlap_ms)
+            w.comm.append(overlap_wall_ms - overlap_ms)
+            w.window(BWD_COLL, layer, step, wait_ms)
+            w.clock += [wait_ms, sync_ms]
+            w.comm.append(wait_ms + sync_ms)
         if nfree:
-            changes.append(-nfree)
+            w.change(-nfree)
     if grad_buffer_bytes:
-        changes.append(-grad_buffer_bytes)
-    return _summary(clock, compute, comm, recompute, changes, windows)
+        w.change(-grad_buffer_bytes)
+    return w.summary()
 
 
 @dataclass(slots=True)
@@ -155,7 +203,7 @@ def summaries(fwd: list[list], bwd: list[list], sync_ms: float, grad_buffer_byte
 def apply(st: RankState, s: Summary, action: Action) -> Replay:
     """Add a summary to a simulated rank's state `st` (clock, counters, memory and peak), the
     same float additions in the same order as the walk; returns the action's Replay."""
-    replay = Replay(action, st.rank, st.t, st.mem)
+    replay = Replay(action, st.rank, s, st.t, st.mem)
     t, compute, comm, exposed = st.t, st.compute_ms, st.comm_exposed_ms, st.recompute_exposed_ms
     for x in s.clock_ms:
         t += x
@@ -191,13 +239,13 @@ def pinned_hosts(order: PipelineOrder) -> tuple[set[tuple[str, int, int]], ...]:
     out = []
     for actions in order.ranks:
         hosts: set[tuple[str, int, int]] = set()
+        early: set[int] = set()
         for action in actions:
-            w = action.window
-            if action.kind != "R" or w is None or not is_planned(w.kind):
-                continue
-            host = w.host()
-            if host is not None:
-                hosts.add(host)
-            hosts.update(("B", action.mb, s) for s in range(order.num_stages))
+            if action.kind == "R" and action.window is not None:
+                host = action.window.host()  # None: on demand, nothing pinned
+                if host is not None:
+                    hosts.add(host)
+                    early.add(action.mb)
+        hosts.update(("B", mb, s) for mb in early for s in range(order.num_stages))
         out.append(hosts)
     return tuple(out)
