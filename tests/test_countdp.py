@@ -1,12 +1,30 @@
-"""The count programme's skyline sweep against the definition of dominance, pair by pair."""
+"""The count programme: its skyline sweep against the definition of dominance, pair by pair,
+and its reused answers against solving afresh."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lynxpipe.plan.countdp import _Frontier, _skyline
+from lynxpipe.cost.table import analytic_costs
+from lynxpipe.plan.countdp import (
+    Solved,
+    _Frontier,
+    _skyline,
+    best_counts,
+    least_budget,
+    needed_budget,
+)
+from lynxpipe.plan.ondemand import count_options
+from lynxpipe.plan.period import make_period
+from lynxpipe.plan.simple import default_partition
+from lynxpipe.plan.types import PlanRequest
+from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 
 INF = float("inf")
 values = st.sampled_from([0.0, 1.0, 2.0, 3.0, 5.0])  # few values: many ties
@@ -33,3 +51,32 @@ def test_skyline_keeps_exactly_the_undominated_states(states):
         zip(*states) if states else ([], [], [], []), (float, float, float, np.int64)))
     front = _Frontier(ms, prefix, room, layers)
     assert _skyline(front).tolist() == _pairwise(front)
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+def test_reused_answers_equal_fresh_solves(attention):
+    """`Solved` answers a budget from an earlier answer where that answer's counts still keep
+    the rows; at falling and rising budgets around the boundary it must equal solving afresh,
+    and what it says the counts need must be exactly where they stop fitting."""
+    spec = replace(get_model("gpt-2.7b"), attention=attention, attention_dropout=0.0)
+    par = ParallelSpec(tp=2, pp=4, num_microbatches=16, seq_len=2048)
+    cluster = get_cluster("a100-pcie")
+    req = PlanRequest(model=spec, cluster=cluster, parallel=par, budget_bytes=2**40,
+                      costs=analytic_costs(spec, cluster, par))
+    options = count_options(req.costs.layer)
+    rng = random.Random(7)
+    for rank in (0, 3):
+        period = make_period(req, default_partition(req), rank, windows=False)
+        least = least_budget(options, period)
+        budgets = sorted((rng.randint(least - 10**6, 3 * least) for _ in range(30)),
+                         reverse=True) + [least, least - 1, 2 * least, least + 1]
+        solved = Solved(options, period)
+        for budget in budgets:
+            assert solved.counts(budget) == best_counts(options, period, budget), budget
+        assert len(solved.known) < len(budgets)  # answers were reused
+        for _, _, counts in solved.known:
+            if counts is not None:
+                need = needed_budget(options, counts, period)
+                assert best_counts(options, period, need) is not None
+                assert need == least or best_counts(
+                    options, period, need - 1) != counts

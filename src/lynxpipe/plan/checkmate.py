@@ -18,7 +18,7 @@ import numpy as np
 
 from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.memory import RankBudget
-from lynxpipe.plan.countdp import solve_counts_dp
+from lynxpipe.plan.countdp import Solved
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.loop import Solver, assign, tighten_loop
 from lynxpipe.plan.ondemand import CountOption, count_options
@@ -52,14 +52,14 @@ def rank_counts(req: PlanRequest, period: Period, options: list[CountOption], rb
     """One rank's policies from the exact count programme (all `full` when nothing fits),
     memoised per cost object under `tag` (what prices the options) and the only parts of the
     period the programme reads: ranks of two partitions (lynx-heu tries two) that agree on
-    them share one solve."""
+    them share one solve, and a tightening loop's falling budgets reuse answers (`Solved`)."""
     budget = rb.activation_bytes + rb.extras_bytes - margin
-    key = (tag, len(period.layers), period.inflight, period.extras, period.buffer, budget)
-    found = per_cost(req.costs.layer, key, lambda: solve_counts_dp(options, period, budget))
-    if found is None:
+    key = (tag, len(period.layers), period.inflight, period.extras, period.buffer)
+    counts = per_cost(req.costs.layer, key, lambda: Solved(options, period)).counts(budget)
+    if counts is None:
         return {g: FULL for g in rb.layers}, 0.0
-    policies, gap = found
-    return dict(zip(sorted(rb.layers), policies)), gap
+    policies = [o.policy for o, c in zip(options, counts) for _ in range(c)]
+    return dict(zip(sorted(rb.layers), policies)), 0.0
 
 
 def knapsack_solver(req: PlanRequest) -> Solver:

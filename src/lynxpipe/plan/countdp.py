@@ -18,6 +18,7 @@ on regular stages it runs in milliseconds (tested against the MILP and exhaustiv
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -217,6 +218,43 @@ def solve_counts_dp(options: list[CountOption], period: Period, budget: int,
     if counts is None:
         return None
     return [o.policy for o, c in zip(options, counts) for _ in range(c)], 0.0
+
+
+def needed_budget(options: list[CountOption], counts: tuple[int, ...], period: Period) -> int:
+    """The least `budget` whose rows `counts` keep (they keep every larger one too)."""
+    n, extras = period.inflight, sum(period.extras)
+    total = sum(c * o.kept_bytes for o, c in zip(options, counts))
+    need = n * total + n * extras + period.buffer
+    base = (n - 1) * extras + period.extras[0] + period.buffer
+    prefix = 0
+    for o, c in zip(options, counts):
+        prefix += c * o.kept_bytes
+        if c and o.peak_bytes > 0:
+            need = max(need, math.ceil((n - 1) * total + prefix + o.peak_bytes + base))
+    return need
+
+
+class Solved:
+    """The count programme's answers for one rank's rows at several budgets.
+
+    An answer at budget B stays the answer at every budget from what its counts need up to B:
+    the rows only tighten as the budget falls, and it still keeps them. No answer at B means
+    none below B either. The tightening loops ask at falling budgets, so they mostly reuse.
+    """
+
+    def __init__(self, options: list[CountOption], period: Period) -> None:
+        self.options, self.period = options, period
+        self.known: list[tuple[int, int, tuple[int, ...] | None]] = []  # (lo, hi, counts)
+
+    def counts(self, budget: int) -> tuple[int, ...] | None:
+        """`best_counts(options, period, budget)`, reusing an earlier answer where it holds."""
+        for lo, hi, counts in self.known:
+            if lo <= budget <= hi:
+                return counts
+        counts = best_counts(self.options, self.period, budget)
+        lo = -math.inf if counts is None else needed_budget(self.options, counts, self.period)
+        self.known.append((lo, budget, counts))
+        return counts
 
 
 def least_budget(options: list[CountOption], period: Period) -> int:

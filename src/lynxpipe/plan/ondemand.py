@@ -82,9 +82,14 @@ def _undominated(options: list[CountOption]) -> list[CountOption]:
         return (o.kept_bytes, o.peak_bytes, o.ms)
 
     unique = list({key(o): o for o in sorted(options, key=key, reverse=True)}.values())
-    return [o for o in unique
-            if not any(key(p) != key(o) and all(a <= b for a, b in zip(key(p), key(o)))
-                       for p in unique)]
+    if not unique:
+        return []
+    cols = (np.array([o.kept_bytes for o in unique], dtype=np.int64),
+            np.array([o.peak_bytes for o in unique]), np.array([o.ms for o in unique]))
+    # [p, o]: p no worse than o in every column; keys are unique, so p != o means better
+    beats = np.logical_and.reduce([c[:, None] <= c[None, :] for c in cols])
+    np.fill_diagonal(beats, False)
+    return [o for o, dominated in zip(unique, beats.any(axis=0)) if not dominated]
 
 
 def solve_counts(options: list[CountOption], period: Period, budget: int, time_limit_s: float,
