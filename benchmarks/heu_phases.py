@@ -18,7 +18,7 @@ from typing import Any
 
 from paper_scale import LAYOUTS, budget_rule
 
-import lynxpipe.plan.checkmate as checkmate
+import lynxpipe.plan.countdp as countdp
 import lynxpipe.plan.finalize as finalize
 import lynxpipe.plan.heu as heu
 from lynxpipe.cost.table import analytic_costs
@@ -27,7 +27,7 @@ from lynxpipe.plan.types import PlanRequest
 from lynxpipe.specs import get_cluster, get_model
 
 PHASES = ((finalize, "simulate", "simulations"), (finalize, "build_order", "pipeline orders"),
-          (checkmate, "solve_counts_dp", "count programmes"), (heu, "refine", "refinement"),
+          (countdp, "best_counts", "count programmes"), (heu, "refine", "refinement"),
           (heu, "choose_partition", "balanced partition"),
           (heu, "tighten_loop", "window-aware loops (nest simulations)"),
           (heu, "checkmate_run", "checkmate candidates (nest simulations)"))

@@ -23,7 +23,7 @@ from lynxpipe.plan.checkmate import checkmate_run, rank_counts
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
 from lynxpipe.plan.loop import assign, tighten_loop
-from lynxpipe.plan.ondemand import count_options
+from lynxpipe.plan.ondemand import CountOption, count_options
 from lynxpipe.plan.options import layer_options
 from lynxpipe.plan.partition import choose_partition, default_partition
 from lynxpipe.plan.period import Period, make_period
@@ -59,6 +59,7 @@ class HeuPlanner:
         self._periods: dict[int, Period] = {}
         self._by_shape: dict[tuple, tuple[float, ...]] = {}
         self._segs: dict[int, dict[int, Slot]] = {}
+        self._priced: dict[tuple[float, ...], list[CountOption]] = {}
         for (g, seg), slot in self.slots.items():
             self._segs.setdefault(g, {})[seg] = slot
 
@@ -109,8 +110,11 @@ class HeuPlanner:
         if period is None:
             period = self._periods[rb.rank] = make_period(self.req, self.partition, rb.rank,
                                                           windows=False)
-        price = dict(zip((o.policy for o in self.options), cost))
-        options = [replace(o, ms=price[o.policy]) for o in count_options(self.req.costs.layer)]
+        options = self._priced.get(cost)
+        if options is None:  # each tightening round asks again with the same prices
+            price = dict(zip((o.policy for o in self.options), cost))
+            options = self._priced[cost] = [replace(o, ms=price[o.policy])
+                                            for o in count_options(self.req.costs.layer)]
         return rank_counts(self.req, period, options, rb, margin, ("heu-dp", cost))
 
     def _solve_classes(self, rb: RankBudget, margin: int,

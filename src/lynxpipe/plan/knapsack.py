@@ -88,20 +88,26 @@ def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: 
 
 def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
                  inflight: float, budget: float) -> tuple[float, tuple[int, ...]]:
-    """Like pair_knapsack, returning the counts per option too."""
-    k = np.arange(count + 1)[None, None, :]
-    mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None]) \
-        + np.maximum(regen[:, None, None], regen[None, :, None])
-    total = np.where(mem <= budget, k * cost[:, None, None] + (count - k) * cost[None, :, None],
+    """Like pair_knapsack, returning the counts per option too.
+
+    Only pairs i <= j are tried: (j, i, n) is the mix (i, j, count - n), with the same memory
+    and cost (the sums commute), and comes later in (i, j, n) order, so the first least mix of
+    all pairs is among them; half the work for the same answer.
+    """
+    a, b = np.triu_indices(len(kept))
+    k = np.arange(count + 1)[None, :]
+    mem = inflight * (k * kept[a][:, None] + (count - k) * kept[b][:, None]) \
+        + np.maximum(regen[a], regen[b])[:, None]
+    total = np.where(mem <= budget, k * cost[a][:, None] + (count - k) * cost[b][:, None],
                      np.inf)
-    flat = int(np.argmin(total))
-    best = float(total.reshape(-1)[flat])
+    flat = int(np.argmin(total)) if total.size else 0
+    best = float(total.reshape(-1)[flat]) if total.size else np.inf
     if best == np.inf:
         return INFEASIBLE, ()
-    i, j, n = np.unravel_index(flat, total.shape)
+    pair, n = divmod(flat, count + 1)
     counts = np.zeros(len(kept), dtype=int)
-    counts[i] += n
-    counts[j] += count - n
+    counts[a[pair]] += n
+    counts[b[pair]] += count - n
     return best, tuple(int(c) for c in counts)
 
 

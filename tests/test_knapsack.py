@@ -1,0 +1,36 @@
+"""The two-option mix search of lynx-heu's knapsack against trying every ordered pair."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lynxpipe.plan.knapsack import INFEASIBLE, _pair_argmin
+
+small = st.sampled_from([0.0, 1.0, 2.0, 3.0, 4.0])  # few values: ties everywhere
+
+
+def _every_pair(kept, regen, cost, count, inflight, budget):
+    """The first least (i, j, n) in row-major order over all ordered pairs: n layers on i."""
+    best, arg = INFEASIBLE, ()
+    for i in range(len(kept)):
+        for j in range(len(kept)):
+            for n in range(count + 1):
+                mem = inflight * (n * kept[i] + (count - n) * kept[j]) + max(regen[i], regen[j])
+                total = n * cost[i] + (count - n) * cost[j]
+                if mem <= budget and total < best:
+                    counts = [0] * len(kept)
+                    counts[i] += n
+                    counts[j] += count - n
+                    best, arg = total, tuple(counts)
+    return best, arg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(small, small, small), min_size=1, max_size=6),
+       st.integers(1, 5), st.sampled_from([1.0, 2.0, 3.0]), st.sampled_from([0.0, 6.0, 14.0, 40.0]))
+def test_upper_triangle_gives_the_first_least_mix_of_all_pairs(opts, count, inflight, budget):
+    kept, regen, cost = (np.array(col) for col in zip(*opts))
+    assert _pair_argmin(kept, regen, cost, count, inflight, budget) == \
+        _every_pair(kept, regen, cost, count, inflight, budget)
