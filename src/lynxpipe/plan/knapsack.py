@@ -7,6 +7,7 @@ Solved with HiGHS through `scipy.optimize.milp`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: i
     and cost (the sums commute), and comes later in (i, j, n) order, so the first least mix of
     all pairs is among them; half the work for the same answer.
     """
-    a, b = np.triu_indices(len(kept))
+    a, b = _upper_pairs(len(kept))
     k = np.arange(count + 1)[None, :]
     mem = inflight * (k * kept[a][:, None] + (count - k) * kept[b][:, None]) \
         + np.maximum(regen[a], regen[b])[:, None]
@@ -109,6 +110,14 @@ def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: i
     counts[a[pair]] += n
     counts[b[pair]] += count - n
     return best, tuple(int(c) for c in counts)
+
+
+@functools.lru_cache(maxsize=256)
+def _upper_pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.triu_indices(size), which costs more than the search it indexes (read-only)."""
+    a, b = np.triu_indices(size)
+    a.flags.writeable = b.flags.writeable = False
+    return a, b
 
 
 def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,

@@ -20,6 +20,7 @@ import gc
 from collections.abc import Callable
 from typing import ClassVar
 
+from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.memory import rank_params, static_bytes
 from lynxpipe.cost.table import CostTable, overlapped_collective
 from lynxpipe.errors import LynxError
@@ -78,12 +79,18 @@ class Simulator:
         # (wait_ms * contention) is >= 0 and used / contention is defined; otherwise (and when
         # tracing) every window takes the general path.
         self._inline = costs.contention > 0 and not trace
-        self._fwd = [self._fwd_entries(s) for s in range(order.num_stages)]
-        self._bwd = [self._bwd_entries(s) for s in range(order.num_stages)]
+        # a planner simulates many plans whose stages mostly repeat: a stage's flattened steps
+        # and summaries are kept per cost table, keyed by its layers and their policies
+        last = order.num_stages - 1
+        stages = [per_cost(costs, ("sim-stage", s == 0, s == last, self.num_layers,
+                                   tuple((g, layers[g]) for g in self.stage_layers[s])),
+                           lambda s=s: self._stage(s, s < last)) for s in range(last + 1)]
+        self._fwd = [fwd for fwd, _, _, _ in stages]
+        self._bwd = [bwd for _, bwd, _, _ in stages]
+        self._summaries = {key: summary for s, (_, _, f, b) in enumerate(stages)
+                           for key, summary in ((("F", s), f), (("B", s), b))}
         # the short path (`sim.fast`) stands for the inline window path only
         self._hosts = fast.pinned_hosts(order) if self._inline and short_path else ()
-        self._summaries = fast.summaries(self._fwd, self._bwd, costs.tp_sync_ms,
-                                         costs.grad_buffer_bytes)
 
     # -- set-up ------------------------------------------------------------------------------
     def _units(self, stage: int) -> list[tuple[int, Program]]:
@@ -93,6 +100,13 @@ class Simulator:
         if stage == self.order.num_stages - 1:
             units.append((self.num_layers, self.head))
         return units
+
+    def _stage(self, stage: int, frees_grad_buffer: bool,
+               ) -> tuple[list[FwdEntry], list[BwdEntry], fast.Summary, fast.Summary]:
+        fwd, bwd = self._fwd_entries(stage), self._bwd_entries(stage)
+        c = self.costs
+        return (fwd, bwd, fast.forward_summary(fwd, c.tp_sync_ms), fast.backward_summary(
+            bwd, c.tp_sync_ms, c.grad_buffer_bytes if frees_grad_buffer else 0))
 
     def _fwd_entries(self, stage: int) -> list[FwdEntry]:
         return [(layer, s.compute_ms, s.alloc_bytes, s.coll_ms, s.step)

@@ -189,17 +189,6 @@ class RankState:
     marks: list[int] = field(default_factory=list)
 
 
-def summaries(fwd: list[list], bwd: list[list], sync_ms: float, grad_buffer_bytes: int,
-              ) -> dict[tuple[str, int], Summary]:
-    """("F" | "B", stage) -> summary, from each stage's flattened forward and backward entries
-    (every stage but the last frees the gradient buffer it received after its backward)."""
-    last = len(fwd) - 1
-    out = {("F", s): forward_summary(entries, sync_ms) for s, entries in enumerate(fwd)}
-    out.update({("B", s): backward_summary(entries, sync_ms, grad_buffer_bytes if s < last
-                                           else 0) for s, entries in enumerate(bwd)})
-    return out
-
-
 def apply(st: RankState, s: Summary, action: Action) -> Replay:
     """Add a summary to a simulated rank's state `st` (clock, counters, memory and peak), the
     same float additions in the same order as the walk; returns the action's Replay."""
