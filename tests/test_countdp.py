@@ -80,3 +80,33 @@ def test_reused_answers_equal_fresh_solves(attention):
                 assert best_counts(options, period, need) is not None
                 assert need == least or best_counts(
                     options, period, need - 1) != counts
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+def test_options_left_out_change_no_answer(attention, monkeypatch):
+    """Options no improving plan can use are left out of the programme's levels; over budgets
+    from below the least to loose, the answers equal the programme over every option, and
+    some budgets do leave options out."""
+    import lynxpipe.plan.countdp as countdp
+
+    spec = replace(get_model("gpt-6.7b"), attention=attention, attention_dropout=0.0)
+    par = ParallelSpec(tp=4, pp=2, num_microbatches=8, seq_len=2048)
+    cluster = get_cluster("ascend-910b")
+    req = PlanRequest(model=spec, cluster=cluster, parallel=par, budget_bytes=2**40,
+                      costs=analytic_costs(spec, cluster, par))
+    options = count_options(req.costs.layer)
+    period = make_period(req, default_partition(req), 0, windows=False)
+    least = least_budget(options, period)
+    budgets = [least - 1, least, least + 1, *range(least, 4 * least, max(1, least // 12))]
+    pruned, usable = [], countdp._usable
+    for budget in budgets:
+        forward, backward = countdp._rows(period, budget)
+        upper = countdp._two_option_bound(options, len(period.layers), period.inflight,
+                                          forward, backward) * (1 + 1e-9) + 1e-12
+        pruned.append(len(usable(options, len(period.layers), period.inflight, forward,
+                                 backward, upper)) < len(options))
+        with monkeypatch.context() as m:
+            m.setattr(countdp, "_usable", lambda opts, *_: list(range(len(opts))))
+            every = best_counts(options, period, budget)
+        assert best_counts(options, period, budget) == every, budget
+    assert any(pruned)

@@ -108,15 +108,40 @@ def best_counts(options: list[CountOption], period: Period, budget: int,
     if forward < 0:
         return None
     upper = _two_option_bound(options, num, n, forward, backward) * (1 + 1e-9) + 1e-12
-    found = _programme(options, num, n, forward, backward, upper)
+    usable = _usable(options, num, n, forward, backward, upper)
+    found = _programme([options[i] for i in usable], num, n, forward, backward, upper)
     if found is None:
         return None
     levels, at = found
-    counts = []
-    for parent, count in reversed(levels):
-        counts.append(int(count[at]))
+    counts = [0] * len(options)
+    for i, (parent, count) in zip(reversed(usable), reversed(levels)):
+        counts[i] = int(count[at])
         at = parent[at]
-    return tuple(reversed(counts))
+    return tuple(counts)
+
+
+def _usable(options: list[CountOption], num: int, n: int, forward: float, backward: float,
+            upper: float) -> list[int]:
+    """Indices of the options one layer of which can be in a plan that keeps the rows and
+    beats `upper`: the others would only add levels where every state takes none of them.
+
+    With one layer on option o and the other num - 1 on the leanest or the fastest option,
+    the kept bytes, o's backward row and the time are at their least; if even that breaks a
+    row or `upper`, no plan uses o.
+    """
+    least_kept = min(o.kept_bytes for o in options)
+    least_ms = min(o.ms for o in options)
+    out = []
+    for i, o in enumerate(options):
+        if n * (o.kept_bytes + (num - 1) * least_kept) > forward:
+            continue
+        if o.peak_bytes > 0 and (n * o.kept_bytes + (n - 1) * (num - 1) * least_kept
+                                 + o.peak_bytes > backward):
+            continue
+        if o.ms + (num - 1) * least_ms > upper * (1 + 1e-9) + 1e-12:
+            continue
+        out.append(i)
+    return out
 
 
 class _Frontier(NamedTuple):
