@@ -53,16 +53,20 @@ def test_skyline_keeps_exactly_the_undominated_states(states):
     assert _skyline(front).tolist() == _pairwise(front)
 
 
+def _request(model: str, attention: str, cluster: str, par: ParallelSpec) -> PlanRequest:
+    spec = replace(get_model(model), attention=attention, attention_dropout=0.0)
+    clus = get_cluster(cluster)
+    return PlanRequest(model=spec, cluster=clus, parallel=par, budget_bytes=2**40,
+                       costs=analytic_costs(spec, clus, par))
+
+
 @pytest.mark.parametrize("attention", ["fused", "explicit"])
 def test_reused_answers_equal_fresh_solves(attention):
     """`Solved` answers a budget from an earlier answer where that answer's counts still keep
     the rows; at falling and rising budgets around the boundary it must equal solving afresh,
     and what it says the counts need must be exactly where they stop fitting."""
-    spec = replace(get_model("gpt-2.7b"), attention=attention, attention_dropout=0.0)
-    par = ParallelSpec(tp=2, pp=4, num_microbatches=16, seq_len=2048)
-    cluster = get_cluster("a100-pcie")
-    req = PlanRequest(model=spec, cluster=cluster, parallel=par, budget_bytes=2**40,
-                      costs=analytic_costs(spec, cluster, par))
+    req = _request("gpt-2.7b", attention, "a100-pcie", ParallelSpec(
+        tp=2, pp=4, num_microbatches=16, seq_len=2048))
     options = count_options(req.costs.layer)
     rng = random.Random(7)
     for rank in (0, 3):
@@ -89,11 +93,8 @@ def test_options_left_out_change_no_answer(attention, monkeypatch):
     some budgets do leave options out."""
     import lynxpipe.plan.countdp as countdp
 
-    spec = replace(get_model("gpt-6.7b"), attention=attention, attention_dropout=0.0)
-    par = ParallelSpec(tp=4, pp=2, num_microbatches=8, seq_len=2048)
-    cluster = get_cluster("ascend-910b")
-    req = PlanRequest(model=spec, cluster=cluster, parallel=par, budget_bytes=2**40,
-                      costs=analytic_costs(spec, cluster, par))
+    req = _request("gpt-6.7b", attention, "ascend-910b", ParallelSpec(
+        tp=4, pp=2, num_microbatches=8, seq_len=2048))
     options = count_options(req.costs.layer)
     period = make_period(req, default_partition(req), 0, windows=False)
     least = least_budget(options, period)
