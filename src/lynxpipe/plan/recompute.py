@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from lynxpipe.cost.graph import LayerGraph
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.policy import LayerPolicy, stage_layers
@@ -27,6 +29,13 @@ def required_tasks(graph: LayerGraph, layers: tuple[LayerPolicy, ...],
             for layer, segs in enumerate(per_layer) for seg in segs]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _r_action(mb: int, stage: int, layer: int, segment: int, window: Window) -> Action:
+    """An R action, shared across the orders of a planner run (Action is frozen; building
+    one cost more than the rest of inserting it)."""
+    return Action("R", mb, stage, layer, segment, window)
+
+
 def insert_recompute(order: PipelineOrder, partition: tuple[int, ...], graph: LayerGraph,
                      layers: tuple[LayerPolicy, ...],
                      placement: dict[TaskKey, Window]) -> PipelineOrder:
@@ -38,7 +47,7 @@ def insert_recompute(order: PipelineOrder, partition: tuple[int, ...], graph: La
         window = placement.get(key, ON_DEMAND)
         host = ("B", mb, stage_of[layer]) if window is ON_DEMAND else (
             window.host() or ("B", mb, stage_of[layer]))
-        by_host.setdefault(host, []).append(Action("R", mb, stage_of[layer], layer, seg, window))
+        by_host.setdefault(host, []).append(_r_action(mb, stage_of[layer], layer, seg, window))
     ranks = []
     for actions in order.ranks:
         out: list[Action] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -110,9 +111,11 @@ class Plan:
     windows); empty for planners with one path."""
 
 
+@functools.lru_cache(maxsize=64)
 def plan_fingerprint(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
                      budget_bytes: int) -> str:
-    """The fingerprint stored in plan.json and checked by the runtime."""
+    """The fingerprint stored in plan.json and checked by the runtime (cached: the specs are
+    frozen, and a planner assembles tens of plans of one request)."""
     return fingerprint(model, cluster, par, budget_bytes)
 
 
