@@ -21,7 +21,7 @@ import numpy as np
 from lynxpipe.cost.memory import RankBudget
 from lynxpipe.plan.checkmate import checkmate_run, rank_counts
 from lynxpipe.plan.finalize import base_order
-from lynxpipe.plan.knapsack import choose_counts, improve, replicated_choice
+from lynxpipe.plan.knapsack import Replicated, choose_counts, improve
 from lynxpipe.plan.loop import assign, tighten_loop
 from lynxpipe.plan.ondemand import CountOption, count_options
 from lynxpipe.plan.options import layer_options
@@ -60,6 +60,7 @@ class HeuPlanner:
         self._by_shape: dict[tuple, tuple[float, ...]] = {}
         self._segs: dict[int, dict[int, Slot]] = {}
         self._priced: dict[tuple[float, ...], list[CountOption]] = {}
+        self._replicated: dict[tuple, Replicated] = {}
         for (g, seg), slot in self.slots.items():
             self._segs.setdefault(g, {})[seg] = slot
 
@@ -126,8 +127,11 @@ class HeuPlanner:
         cost = np.array(keys)
         budget = rb.activation_bytes - margin
         if len(keys) <= 3:
-            choice = replicated_choice(sizes, self.options, cost, rb.inflight, budget,
-                                       rb.transient_credit)
+            key = (tuple(keys), tuple(sizes), rb.inflight, rb.transient_credit)
+            if key not in self._replicated:  # asked again at each tightening round's budget
+                self._replicated[key] = Replicated(sizes, self.options, cost, rb.inflight,
+                                                   rb.transient_credit)
+            choice = self._replicated[key].choice(budget)
         else:  # irregular stages (many distinct windows): fall back to the exact MILP
             choice = choose_counts(sizes, self.options, cost, rb.inflight, budget,
                                    self.req.time_limit_s, rb.transient_credit)

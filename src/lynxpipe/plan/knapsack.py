@@ -88,8 +88,8 @@ def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: 
 
 
 def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
-                 inflight: float, budget: float) -> tuple[float, tuple[int, ...]]:
-    """Like pair_knapsack, returning the counts per option too.
+                 inflight: float, budget: float) -> tuple[float, tuple[int, ...], float]:
+    """Like pair_knapsack, returning the counts per option and their memory too.
 
     Only pairs i <= j are tried: (j, i, n) is the mix (i, j, count - n), with the same memory
     and cost (the sums commute), and comes later in (i, j, n) order, so the first least mix of
@@ -104,12 +104,12 @@ def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: i
     flat = int(np.argmin(total)) if total.size else 0
     best = float(total.reshape(-1)[flat]) if total.size else np.inf
     if best == np.inf:
-        return INFEASIBLE, ()
+        return INFEASIBLE, (), np.inf
     pair, n = divmod(flat, count + 1)
     counts = np.zeros(len(kept), dtype=int)
     counts[a[pair]] += n
     counts[b[pair]] += count - n
-    return best, tuple(int(c) for c in counts)
+    return best, tuple(int(c) for c in counts), float(mem.reshape(-1)[flat])
 
 
 @functools.lru_cache(maxsize=256)
@@ -129,17 +129,52 @@ def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: 
     Exhaustive over the boundary options, so it costs O(options^(small classes)) pair solves;
     meant for one or two boundary classes.
     """
+    return _replicated(class_sizes, options, cost, inflight, activation_bytes,
+                       transient_credit)[0]
+
+
+class Replicated:
+    """`replicated_choice` of one set of classes, asked at several budgets.
+
+    Lowering the budget only shrinks what each boundary combination may choose, so every
+    combination's least cost can only rise; while the winner's own mix still fits, it stays
+    the first least one: the same answer. No answer means none below. The tightening loop
+    asks at falling budgets, often a few MB apart.
+    """
+
+    def __init__(self, class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
+                 inflight: float, transient_credit: int) -> None:
+        self.args = (class_sizes, options, cost, inflight)
+        self.credit = transient_credit
+        self.known: list[tuple[int, Choice | None, tuple[float, float]]] = []
+
+    def choice(self, activation_bytes: int) -> Choice | None:
+        """`replicated_choice(..., activation_bytes, ...)`, reusing an answer where it holds."""
+        for budget, found, (mem, fixed_mem) in self.known:
+            if activation_bytes <= budget and (
+                    found is None or mem <= activation_bytes - fixed_mem):
+                return found
+        found, hold = _replicated(*self.args, activation_bytes, self.credit)
+        self.known.append((activation_bytes, found, hold))
+        return found
+
+
+def _replicated(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
+                inflight: float, activation_bytes: int, transient_credit: int,
+                ) -> tuple[Choice | None, tuple[float, float]]:
+    """`replicated_choice`, with the winner's big-class memory and boundary memory."""
     big = int(np.argmax(class_sizes))
     small = [k for k in range(len(class_sizes)) if k != big]
     kept = np.array([o.kept_bytes for o in options], dtype=float)
     regen = _regen(options, transient_credit)
     front = _frontier(kept, cost[big])
     best: Choice | None = None
+    hold = (np.inf, 0.0)
     for combo in itertools.product(*(_frontier(kept, cost[k]) for k in small)):
         fixed_mem = sum(inflight * kept[o] * class_sizes[k] for k, o in zip(small, combo))
         fixed_cost = sum(cost[k, o] * class_sizes[k] for k, o in zip(small, combo))
         peak_regen = max((regen[o] for o in combo), default=0.0)
-        obj, sub = _pair_argmin(kept[front], np.maximum(regen[front], peak_regen),
+        obj, sub, mem = _pair_argmin(kept[front], np.maximum(regen[front], peak_regen),
                                 cost[big][front], class_sizes[big], inflight,
                                 activation_bytes - fixed_mem)
         if obj == INFEASIBLE or (best is not None and obj + fixed_cost >= best.objective):
@@ -150,7 +185,8 @@ def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: 
         for k, o in zip(small, combo):
             rows[k][o] = class_sizes[k]
         best = Choice(tuple(tuple(r) for r in rows), float(obj + fixed_cost), 0.0)
-    return best
+        hold = (mem, fixed_mem)
+    return best, hold
 
 
 def _frontier(kept: np.ndarray, cost: np.ndarray) -> list[int]:
