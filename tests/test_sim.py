@@ -183,6 +183,14 @@ def test_every_tp_collective_pays_the_measured_sync():
     assert synced.step_time_ms - plain.step_time_ms == pytest.approx(m * colls * 0.25)
 
 
+def _held_during_actions(sim, rank):
+    """Per action: the bytes held when it began and after each of its memory changes."""
+    mem = [m for _, m in sim.memory_timeline[rank]]
+    marks = sim.action_marks[rank]
+    ends = [*marks[1:], len(mem)]
+    return [max([mem[a - 1] if a else 0, *mem[a:b]]) for a, b in zip(marks, ends)]
+
+
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
 def test_short_path_equals_the_step_by_step_walk(schedule):
     """F/B actions hosting no recompute take `sim.fast`'s summaries; every field of the result
@@ -193,6 +201,7 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
     from lynxpipe.cost.table import analytic_costs
     from lynxpipe.plan.planners import PLANNERS, make
     from lynxpipe.plan.types import PlanRequest
+    from lynxpipe.schedule.windows import FWD_COLL, RECV
     from lynxpipe.sim.engine import Simulator
     from lynxpipe.sim.fast import Replay
     from lynxpipe.specs import ParallelSpec, get_cluster, get_model
@@ -214,11 +223,14 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
             fast, slow = Simulator(*args), Simulator(*args, short_path=False)
             a, b = fast.run(), slow.run()
             short_taken += sum(type(w) is Replay for w in fast.windows)
+            some = frozenset({RECV, FWD_COLL})  # before `windows` is built, then after
+            assert a.windows_of(some) == tuple(w for w in b.windows if w.window.kind in some)
             assert not any(type(w) is Replay for w in slow.windows)
             assert (a.step_time_ms, a.ranks, a.action_marks) == \
                 (b.step_time_ms, b.ranks, b.action_marks), name
             assert a.memory_timeline == b.memory_timeline, name
             assert a.windows == b.windows, name
+            assert a.windows_of(some) == b.windows_of(some), name
             assert [a.action_peak_bytes(r) for r in range(par.pp)] == \
-                [b.action_peak_bytes(r) for r in range(par.pp)], name
+                [_held_during_actions(b, r) for r in range(par.pp)], name
     assert short_taken > 0

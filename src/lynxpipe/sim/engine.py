@@ -403,7 +403,10 @@ class Simulator:
                                    st.recompute_hidden_ms, st.recompute_exposed_ms, tail,
                                    st.peak, static))
         return SimResult(end, tuple(ranks), lambda: self._details(states), tuple(self.events),
-                         tuple(tuple(st.marks) for st in states))
+                         tuple(tuple(st.marks) for st in states), self._windows_of)
+
+    def _windows_of(self, kinds: frozenset[str]) -> tuple[WindowUse, ...]:
+        return tuple(map(WindowUse._make, fast.records_of(self.windows, kinds)))
 
     def _details(self, states: list[RankState]) -> tuple[Timeline, tuple[WindowUse, ...]]:
         """The memory timeline and window records, short-path actions walked from their

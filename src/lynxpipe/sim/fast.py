@@ -221,6 +221,19 @@ def expand(items: list, walked: Callable[[Replay], list]) -> tuple:
     return tuple(out)
 
 
+def records_of(items: list, kinds: frozenset[str]) -> list[tuple]:
+    """The window records of `kinds` alone: a short-path F opens only forward windows and a
+    B only backward ones, so Replays of the others are not walked."""
+    out: list[tuple] = []
+    for item in items:
+        if type(item) is Replay:
+            if (FWD_COLL if item.action.kind == "F" else BWD_COLL) in kinds:
+                out += walk(item)[1]
+        elif item[1].kind in kinds:
+            out.append(item)
+    return out
+
+
 def pinned_hosts(order: PipelineOrder) -> tuple[set[tuple[str, int, int]], ...]:
     """Per rank, the F/B actions (kind, mb, stage) that may not take the short path: those
     hosting a pinned window, and every B of a micro-batch with a task pinned anywhere (its

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
+import numpy as np
+
 from lynxpipe.schedule.actions import Window
 
 
@@ -95,6 +97,16 @@ class SimResult:
     action_marks: tuple[tuple[int, ...], ...] = ()
     """Per rank: for each action of its order, the index in `memory_timeline` where the
     action's memory changes begin (the memory held during each action, for planners)."""
+    select: Callable[[frozenset[str]], tuple[WindowUse, ...]] | None = field(
+        default=None, repr=False, compare=False)
+    """Builds the records of only some window kinds (`windows_of`); None: filter `windows`."""
+
+    def windows_of(self, kinds: frozenset[str]) -> tuple[WindowUse, ...]:
+        """The windows of `kinds`, in simulation order (a planner after idle RECV and forward
+        windows need not build the backward ones, most of a step's)."""
+        if self.select is None or "_built" in self.__dict__:  # built already: filter
+            return tuple(w for w in self.windows if w.window.kind in kinds)
+        return self.select(kinds)
 
     @cached_property
     def _built(self) -> tuple[Timeline, tuple[WindowUse, ...]]:
@@ -111,14 +123,18 @@ class SimResult:
         return self._built[1]
 
     def action_peak_bytes(self, rank: int) -> list[int]:
-        """Most activation bytes `rank` holds at any point of each of its actions."""
-        mem = [m for _, m in self.memory_timeline[rank]]
-        marks = self.action_marks[rank]
-        out = []
-        for i, a in enumerate(marks):
-            b = marks[i + 1] if i + 1 < len(marks) else len(mem)
-            out.append(max([mem[a - 1] if a else 0, *mem[a:b]]))
-        return out
+        """Most activation bytes `rank` holds at any point of each of its actions: what it
+        held when the action began, and every change the action makes."""
+        marks = np.asarray(self.action_marks[rank], dtype=np.int64)
+        if not len(marks):
+            return []
+        # held[i + 1] is the memory after the timeline's i-th change; held[0] = 0 before any
+        held = np.concatenate([[0], [m for _, m in self.memory_timeline[rank]]]).astype(np.int64)
+        # action i spans held[marks[i] : marks[i + 1] + 1]: from what it began with (the point
+        # at its mark) through its last change (the one before the next action's mark)
+        peak = np.maximum.reduceat(held, marks)
+        peak[:-1] = np.maximum(peak[:-1], held[marks[1:]])
+        return peak.tolist()
 
     @property
     def recompute_exposed_ms(self) -> float:
