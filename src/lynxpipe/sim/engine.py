@@ -402,18 +402,15 @@ class Simulator:
             ranks.append(RankStats(st.rank, st.compute_ms, st.comm_exposed_ms, idle,
                                    st.recompute_hidden_ms, st.recompute_exposed_ms, tail,
                                    st.peak, static))
-        return SimResult(end, tuple(ranks), lambda: self._details(states), tuple(self.events),
-                         tuple(tuple(st.marks) for st in states), self._windows_of)
+        return SimResult(end, tuple(ranks), lambda: self._timeline(states), self._windows_of,
+                         tuple(self.events), tuple(tuple(st.marks) for st in states))
 
     def _windows_of(self, kinds: frozenset[str]) -> tuple[WindowUse, ...]:
         return tuple(map(WindowUse._make, fast.records_of(self.windows, kinds)))
 
-    def _details(self, states: list[RankState]) -> tuple[Timeline, tuple[WindowUse, ...]]:
-        """The memory timeline and window records, short-path actions walked from their
-        summaries."""
-        return (tuple(fast.expand(st.timeline, lambda r: fast.walk(r)[0]) for st in states),
-                tuple(map(WindowUse._make,
-                          fast.expand(self.windows, lambda r: fast.walk(r)[1]))))
+    def _timeline(self, states: list[RankState]) -> Timeline:
+        """Each rank's memory timeline, short-path actions walked from their summaries."""
+        return tuple(fast.expand(st.timeline, fast.points) for st in states)
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],
              order: PipelineOrder, trace: bool = False) -> SimResult:

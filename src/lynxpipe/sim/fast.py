@@ -6,12 +6,12 @@ rank is then the same for every micro-batch: the same additions to its clock and
 same memory changes. A `Summary` holds those additions in the order the step-by-step walk makes
 them, so the clock and counters come out bit-for-bit the same, and the memory's net change and
 highest point exactly (integers). The memory points and window records, which a planner reads
-for about one simulation in ten, are built from a `Replay` only when read (`walk`).
+for about one simulation in ten, are built from a `Replay` only when read (`points`, `records`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -49,15 +49,14 @@ class Summary:
 
 class Replay:
     """An action run on the short path: its summary and where it started (time, memory), all
-    `walk` needs for its timeline points and window records."""
+    `points` and `records` need."""
 
-    __slots__ = ("action", "rank", "summary", "t_ms", "mem_bytes", "walked")
+    __slots__ = ("action", "rank", "summary", "t_ms", "mem_bytes")
 
     def __init__(self, action: Action, rank: int, summary: Summary, t_ms: float,
                  mem_bytes: int) -> None:
         self.action, self.rank, self.summary = action, rank, summary
         self.t_ms, self.mem_bytes = t_ms, mem_bytes
-        self.walked: tuple[list[tuple[float, int]], list[tuple]] | None = None
 
 
 @lru_cache(maxsize=1 << 18)
@@ -65,26 +64,33 @@ def _window(key: tuple[str, int, int, int, int, str]) -> Window:
     return Window(*key)  # shared across replays and runs, as the step-by-step path does
 
 
-def walk(replay: Replay) -> tuple[list[tuple[float, int]], list[tuple]]:
-    """The (time, bytes) points and (rank, window, start, wait, used) records the step-by-step
-    walk of the action makes: the same clock additions, in the same order."""
-    if replay.walked is None:
-        s, action = replay.summary, replay.action
-        t, mem, done, clock = replay.t_ms, replay.mem_bytes, 0, s.clock_ms
-        points: list[tuple[float, int]] = []
-        records: list[tuple] = []
-        for at, kind, layer, step, value in s.events:
-            while done < at:
-                t += clock[done]
-                done += 1
-            if kind:
-                records.append((replay.rank, _window((kind, action.mb, action.stage, layer, step,
-                                                      "")), t, value, 0.0))
-            else:
-                mem += value
-                points.append((t, mem))
-        replay.walked = points, records
-    return replay.walked
+def _timed(replay: Replay) -> Iterator[tuple[float, Event]]:
+    """Each event of the action with the clock at it: the same additions, in the same order,
+    as the step-by-step walk."""
+    t, done, clock = replay.t_ms, 0, replay.summary.clock_ms
+    for event in replay.summary.events:
+        while done < event[0]:
+            t += clock[done]
+            done += 1
+        yield t, event
+
+
+def points(replay: Replay) -> list[tuple[float, int]]:
+    """The (time, bytes held) points the step-by-step walk of the action adds."""
+    out, mem = [], replay.mem_bytes
+    for t, (_, kind, _, _, value) in _timed(replay):
+        if not kind:
+            mem += value
+            out.append((t, mem))
+    return out
+
+
+def records(replay: Replay) -> list[tuple]:
+    """The (rank, window, start, wait, used) records the step-by-step walk of the action
+    makes (its windows are empty)."""
+    mb, stage = replay.action.mb, replay.action.stage
+    return [(replay.rank, _window((kind, mb, stage, layer, step, "")), t, value, 0.0)
+            for t, (_, kind, layer, step, value) in _timed(replay) if kind]
 
 
 class _Walk:
@@ -228,7 +234,7 @@ def records_of(items: list, kinds: frozenset[str]) -> list[tuple]:
     for item in items:
         if type(item) is Replay:
             if (FWD_COLL if item.action.kind == "F" else BWD_COLL) in kinds:
-                out += walk(item)[1]
+                out += records(item)
         elif item[1].kind in kinds:
             out.append(item)
     return out

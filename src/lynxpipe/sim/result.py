@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lynxpipe.schedule.actions import Window
+from lynxpipe.schedule.windows import WINDOW_KINDS
 
 
 @dataclass(frozen=True)
@@ -88,39 +89,34 @@ class SimResult:
     """Time of the slowest rank, DP sync and optimizer included."""
     ranks: tuple[RankStats, ...]
     """Per pipeline rank breakdown."""
-    details: Callable[[], tuple[Timeline, tuple[WindowUse, ...]]] = field(
-        repr=False, compare=False)
-    """Builds `memory_timeline` and `windows` when first read: planners read them for about
-    one simulation in ten, and building them was a fifth of a simulation's time."""
+    timeline: Callable[[], Timeline] = field(repr=False, compare=False)
+    """Builds `memory_timeline` when first read (planners read it, or `windows`, for about
+    one simulation in ten, and building them was a fifth of a simulation's time)."""
+    select: Callable[[frozenset[str]], tuple[WindowUse, ...]] = field(repr=False,
+                                                                      compare=False)
+    """Builds the window records of the given kinds (`windows`, `windows_of`)."""
     events: tuple[TraceEvent, ...] = ()
     """Trace events (empty unless requested)."""
     action_marks: tuple[tuple[int, ...], ...] = ()
     """Per rank: for each action of its order, the index in `memory_timeline` where the
     action's memory changes begin (the memory held during each action, for planners)."""
-    select: Callable[[frozenset[str]], tuple[WindowUse, ...]] | None = field(
-        default=None, repr=False, compare=False)
-    """Builds the records of only some window kinds (`windows_of`); None: filter `windows`."""
+
+    @cached_property
+    def memory_timeline(self) -> Timeline:
+        """Per rank: (time_ms, activation bytes) after every change."""
+        return self.timeline()
+
+    @cached_property
+    def windows(self) -> tuple[WindowUse, ...]:
+        """Every window that opened, in simulation order."""
+        return self.select(frozenset(WINDOW_KINDS))
 
     def windows_of(self, kinds: frozenset[str]) -> tuple[WindowUse, ...]:
         """The windows of `kinds`, in simulation order (a planner after idle RECV and forward
         windows need not build the backward ones, most of a step's)."""
-        if self.select is None or "_built" in self.__dict__:  # built already: filter
+        if "windows" in self.__dict__:  # built already: filter
             return tuple(w for w in self.windows if w.window.kind in kinds)
         return self.select(kinds)
-
-    @cached_property
-    def _built(self) -> tuple[Timeline, tuple[WindowUse, ...]]:
-        return self.details()
-
-    @property
-    def memory_timeline(self) -> Timeline:
-        """Per rank: (time_ms, activation bytes) after every change."""
-        return self._built[0]
-
-    @property
-    def windows(self) -> tuple[WindowUse, ...]:
-        """Every window that opened, in simulation order."""
-        return self._built[1]
 
     def action_peak_bytes(self, rank: int) -> list[int]:
         """Most activation bytes `rank` holds at any point of each of its actions: what it
