@@ -223,14 +223,16 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
             fast, slow = Simulator(*args), Simulator(*args, short_path=False)
             a, b = fast.run(), slow.run()
             short_taken += sum(type(w) is Replay for w in fast.windows)
-            some = frozenset({RECV, FWD_COLL})  # before `windows` is built, then after
+            # windows of some kinds and held bytes before the timeline and windows are built
+            some = frozenset({RECV, FWD_COLL})
             assert a.windows_of(some) == tuple(w for w in b.windows if w.window.kind in some)
+            peaks = [_held_during_actions(b, r) for r in range(par.pp)]
+            assert [a.action_peak_bytes(r) for r in range(par.pp)] == peaks, name
             assert not any(type(w) is Replay for w in slow.windows)
             assert (a.step_time_ms, a.ranks, a.action_marks) == \
                 (b.step_time_ms, b.ranks, b.action_marks), name
             assert a.memory_timeline == b.memory_timeline, name
             assert a.windows == b.windows, name
             assert a.windows_of(some) == b.windows_of(some), name
-            assert [a.action_peak_bytes(r) for r in range(par.pp)] == \
-                [_held_during_actions(b, r) for r in range(par.pp)], name
+            assert [a.action_peak_bytes(r) for r in range(par.pp)] == peaks, name
     assert short_taken > 0

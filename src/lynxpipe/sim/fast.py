@@ -45,6 +45,8 @@ class Summary:
     """Window records the action adds."""
     events: tuple[Event, ...]
     """Memory changes and window openings, in order, each after its clock additions."""
+    held_bytes: tuple[int, ...]
+    """Bytes held after each memory change, relative to before the action."""
 
 
 class Replay:
@@ -85,6 +87,19 @@ def points(replay: Replay) -> list[tuple[float, int]]:
     return out
 
 
+def held(items: list) -> list[int]:
+    """The bytes held after each change of a rank's timeline (its second column), without
+    the clock: Replays add their summary's relative bytes to what they began with."""
+    out: list[int] = []
+    for item in items:
+        if type(item) is Replay:
+            start = item.mem_bytes
+            out += [start + b for b in item.summary.held_bytes]
+        else:
+            out.append(item[1])
+    return out
+
+
 def records(replay: Replay) -> list[tuple]:
     """The (rank, window, start, wait, used) records the step-by-step walk of the action
     makes (its windows are empty)."""
@@ -110,16 +125,16 @@ class _Walk:
         self.events.append((len(self.clock), kind, layer, step, wait_ms))
 
     def summary(self) -> Summary:
-        mem, high, changes, windows = 0, None, 0, 0
+        mem, held, windows = 0, [], 0
         for _, kind, _, _, value in self.events:
             if kind:
                 windows += 1
                 continue
             mem += value
-            changes += 1
-            high = mem if high is None else max(high, mem)
+            held.append(mem)
         return Summary(tuple(self.clock), tuple(self.compute), tuple(self.comm),
-                       tuple(self.recompute), mem, high, changes, windows, tuple(self.events))
+                       tuple(self.recompute), mem, max(held, default=None), len(held), windows,
+                       tuple(self.events), tuple(held))
 
 
 def forward_summary(entries: list, sync_ms: float) -> Summary:

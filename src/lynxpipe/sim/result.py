@@ -95,6 +95,8 @@ class SimResult:
     select: Callable[[frozenset[str]], tuple[WindowUse, ...]] = field(repr=False,
                                                                       compare=False)
     """Builds the window records of the given kinds (`windows`, `windows_of`)."""
+    held: Callable[[int], list[int]] = field(repr=False, compare=False)
+    """A rank's bytes held after each timeline change, without building the timeline."""
     events: tuple[TraceEvent, ...] = ()
     """Trace events (empty unless requested)."""
     action_marks: tuple[tuple[int, ...], ...] = ()
@@ -125,7 +127,9 @@ class SimResult:
         if not len(marks):
             return []
         # held[i + 1] is the memory after the timeline's i-th change; held[0] = 0 before any
-        held = np.concatenate([[0], [m for _, m in self.memory_timeline[rank]]]).astype(np.int64)
+        after = ([m for _, m in self.memory_timeline[rank]]
+                 if "memory_timeline" in self.__dict__ else self.held(rank))
+        held = np.array([0, *after], dtype=np.int64)
         # action i spans held[marks[i] : marks[i + 1] + 1]: from what it began with (the point
         # at its mark) through its last change (the one before the next action's mark)
         peak = np.maximum.reduceat(held, marks)
