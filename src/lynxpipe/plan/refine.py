@@ -39,8 +39,8 @@ def _moves(req: PlanRequest, plan: Plan, sim: SimResult, kinds: set[str]) -> dic
     """
     c = req.costs.contention
     spare: dict[Window, float] = {}
-    for use in sim.windows_of(frozenset(kinds)):
-        spare[use.window] = c * use.wait_ms - use.used_ms
+    for window, wait_ms, used_ms in sim.idle_of(frozenset(kinds)):
+        spare[window] = c * wait_ms - used_ms
     moves: dict[TaskKey, Window] = {}
     seg: dict[LayerPolicy, LayerOption] = {}
     host_of = {w: w.host() for w in spare}

@@ -403,7 +403,8 @@ class Simulator:
                                    st.recompute_hidden_ms, st.recompute_exposed_ms, tail,
                                    st.peak, static))
         return SimResult(end, tuple(ranks), lambda: self._timeline(states), self._windows_of,
-                         lambda rank: fast.held(states[rank].timeline), tuple(self.events),
+                         lambda rank: fast.held(states[rank].timeline),
+                         lambda kinds: fast.waits_of(self.windows, kinds), tuple(self.events),
                          tuple(tuple(st.marks) for st in states))
 
     def _windows_of(self, kinds: frozenset[str]) -> tuple[WindowUse, ...]:

@@ -255,6 +255,21 @@ def records_of(items: list, kinds: frozenset[str]) -> list[tuple]:
     return out
 
 
+def waits_of(items: list, kinds: frozenset[str]) -> list[tuple[Window, float, float]]:
+    """(window, wait_ms, used_ms) of the records of `kinds`, in order; a short-path action's
+    windows are read off its summary without walking its clock (they are all empty)."""
+    out: list[tuple[Window, float, float]] = []
+    for item in items:
+        if type(item) is Replay:
+            if (FWD_COLL if item.action.kind == "F" else BWD_COLL) in kinds:
+                mb, stage = item.action.mb, item.action.stage
+                out += [(_window((kind, mb, stage, layer, step, "")), value, 0.0)
+                        for _, kind, layer, step, value in item.summary.events if kind]
+        elif item[1].kind in kinds:
+            out.append((item[1], item[3], item[4]))
+    return out
+
+
 def pinned_hosts(order: PipelineOrder) -> tuple[set[tuple[str, int, int]], ...]:
     """Per rank, the F/B actions (kind, mb, stage) that may not take the short path: those
     hosting a pinned window, and every B of a micro-batch with a task pinned anywhere (its

@@ -94,9 +94,12 @@ class SimResult:
     one simulation in ten, and building them was a fifth of a simulation's time)."""
     select: Callable[[frozenset[str]], tuple[WindowUse, ...]] = field(repr=False,
                                                                       compare=False)
-    """Builds the window records of the given kinds (`windows`, `windows_of`)."""
+    """Builds the window records of the given kinds (`windows`: all of them)."""
     held: Callable[[int], list[int]] = field(repr=False, compare=False)
     """A rank's bytes held after each timeline change, without building the timeline."""
+    waits: Callable[[frozenset[str]], list[tuple[Window, float, float]]] = field(
+        repr=False, compare=False)
+    """(window, wait_ms, used_ms) of the windows of the given kinds, without start times."""
     events: tuple[TraceEvent, ...] = ()
     """Trace events (empty unless requested)."""
     action_marks: tuple[tuple[int, ...], ...] = ()
@@ -113,12 +116,13 @@ class SimResult:
         """Every window that opened, in simulation order."""
         return self.select(frozenset(WINDOW_KINDS))
 
-    def windows_of(self, kinds: frozenset[str]) -> tuple[WindowUse, ...]:
-        """The windows of `kinds`, in simulation order (a planner after idle RECV and forward
-        windows need not build the backward ones, most of a step's)."""
-        if "windows" in self.__dict__:  # built already: filter
-            return tuple(w for w in self.windows if w.window.kind in kinds)
-        return self.select(kinds)
+    def idle_of(self, kinds: frozenset[str]) -> list[tuple[Window, float, float]]:
+        """(window, wait_ms, used_ms) of every window of `kinds`, in simulation order: what a
+        planner moving tasks into idle windows reads, without building the records."""
+        if "windows" in self.__dict__:
+            return [(w.window, w.wait_ms, w.used_ms) for w in self.windows
+                    if w.window.kind in kinds]
+        return self.waits(kinds)
 
     def action_peak_bytes(self, rank: int) -> list[int]:
         """Most activation bytes `rank` holds at any point of each of its actions: what it
