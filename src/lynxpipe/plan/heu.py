@@ -61,6 +61,7 @@ class HeuPlanner:
         self._segs: dict[int, dict[int, Slot]] = {}
         self._priced: dict[tuple[float, ...], list[CountOption]] = {}
         self._replicated: dict[tuple, Replicated] = {}
+        self._placed: dict[TaskKey, Window | None] = {}
         for (g, seg), slot in self.slots.items():
             self._segs.setdefault(g, {})[seg] = slot
 
@@ -151,12 +152,16 @@ class HeuPlanner:
         only hold its tensors longer.
         """
         placement: dict[TaskKey, Window] = {}
-        graph = self.req.costs.layer.graph
-        for mb, layer, seg in required_tasks(graph, layers, self.req.parallel.num_microbatches):
-            slot = self.slots.get((layer, seg)) if seg >= 0 else None
-            if slot is not None and slot.capacity_ms > 0:
-                placement[(mb, layer, seg)] = Window(BWD_COLL, mb, self.stage_of[slot.host],
-                                                     slot.host, slot.step)
+        graph, known = self.req.costs.layer.graph, self._placed
+        for task in required_tasks(graph, layers, self.req.parallel.num_microbatches):
+            if task not in known:  # each tightening round places mostly the same tasks
+                mb, layer, seg = task
+                slot = self.slots.get((layer, seg)) if seg >= 0 else None
+                known[task] = (Window(BWD_COLL, mb, self.stage_of[slot.host], slot.host,
+                                      slot.step)
+                               if slot is not None and slot.capacity_ms > 0 else None)
+            if known[task] is not None:
+                placement[task] = known[task]
         return placement
 
 
