@@ -11,8 +11,6 @@ from lynxpipe.plan.knapsack import (
     INFEASIBLE,
     Replicated,
     _pair_argmin,
-    pair_knapsack,
-    pair_knapsack_counts,
     replicated_choice,
 )
 from lynxpipe.plan.options import LayerOption
@@ -58,14 +56,3 @@ def test_reused_choices_equal_fresh_ones(opts, data, budgets):
     cached = Replicated(sizes, options, cost, 2.0, 0)
     for budget in budgets:
         assert cached.choice(budget) == replicated_choice(sizes, options, cost, 2.0, budget, 0)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(small, small, small), min_size=1, max_size=6),
-       st.lists(st.integers(0, 60), min_size=1, max_size=10))
-def test_batched_counts_equal_single_calls(opts, budgets):
-    kept, regen, cost = (np.array(col) for col in zip(*opts))
-    counts = np.arange(1, len(budgets) + 1)
-    assert pair_knapsack_counts(kept, regen, cost, counts, 2.0,
-                                np.array(budgets, dtype=float)).tolist() == \
-        [pair_knapsack(kept, regen, cost, int(c), 2.0, b) for c, b in zip(counts, budgets)]

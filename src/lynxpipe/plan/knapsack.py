@@ -87,21 +87,6 @@ def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: 
     return _pair_argmin(kept, regen, cost, count, inflight, budget)[0]
 
 
-def pair_knapsack_counts(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray,
-                         counts: np.ndarray, inflight: float, budgets: np.ndarray) -> np.ndarray:
-    """`pair_knapsack` for several (count, budget) at once: the same sums element by element,
-    so each value equals the single call's (a partition's DP asks for every layer count of
-    a stage)."""
-    a, b = _upper_pairs(len(kept))
-    c = counts[:, None, None]
-    k = np.arange(int(counts.max()) + 1)[None, None, :]
-    mem = inflight * (k * kept[a][None, :, None] + (c - k) * kept[b][None, :, None]) \
-        + np.maximum(regen[a], regen[b])[None, :, None]
-    total = np.where((k <= c) & (mem <= budgets[:, None, None]),
-                     k * cost[a][None, :, None] + (c - k) * cost[b][None, :, None], np.inf)
-    return total.reshape(len(counts), -1).min(axis=1)
-
-
 def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
                  inflight: float, budget: float) -> tuple[float, tuple[int, ...], float]:
     """Like pair_knapsack, returning the counts per option and their memory too.

@@ -12,7 +12,7 @@ import numpy as np
 from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.cost.table import overlapped_collective
 from lynxpipe.plan.finalize import base_order
-from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack_counts
+from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.types import PlanRequest
 from lynxpipe.plan.windows import exposure, natural_slots
@@ -82,17 +82,12 @@ def balanced_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
     extra[-1] += _extra_ms(req.costs.head)
 
     @cache
-    def knapsack(stage: int) -> list[float]:
-        # every layer count of a stage at once; its activation budget moves with the count
-        # (weights scale with it)
-        counts = np.arange(1, num_layers - p + 2)
-        budgets = np.array([rb[stage].activation_bytes - (n - uniform[stage]) * per_layer_static
-                            for n in counts.tolist()], dtype=float)
-        return [0.0, *pair_knapsack_counts(kept, regen, cost, counts, rb[stage].inflight,
-                                           budgets).tolist()]
-
     def stage_ms(stage: int, count: int) -> float:
-        return count * layer_ms + extra[stage] + knapsack(stage)[count]
+        # the stage's activation budget moves with its layer count (weights scale with it)
+        delta = (count - uniform[stage]) * per_layer_static
+        budget = rb[stage].activation_bytes - delta
+        return (count * layer_ms + extra[stage]
+                + pair_knapsack(kept, regen, cost, count, rb[stage].inflight, budget))
 
     best = _dp(num_layers, p, stage_ms)
     return best if best is not None else uniform
