@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lynxpipe.cost.flops import step_flops
+from lynxpipe.cost.memo import per_cost
 from lynxpipe.plan.recompute import TaskKey, insert_recompute
 from lynxpipe.plan.types import Plan, PlanRequest, Prediction, plan_fingerprint
 from lynxpipe.schedule.actions import PipelineOrder, Window
@@ -23,7 +24,10 @@ def predict(req: PlanRequest, sim: SimResult) -> Prediction:
     par = req.parallel
     tokens = par.seq_len * par.micro_batch_size * par.num_microbatches * par.dp
     seconds = sim.step_time_ms / 1e3
-    flops = step_flops(req.costs, req.model, par)
+    # the same for every candidate of a run; keyed by what it reads besides the cost table
+    flops = per_cost(req.costs, ("step_flops", req.model.num_layers, par.tp,
+                                 par.num_microbatches, par.dp),
+                     lambda: step_flops(req.costs, req.model, par))
     peaks = tuple(r.peak_memory_bytes + req.reserve_bytes for r in sim.ranks)
     return Prediction(
         step_time_ms=sim.step_time_ms,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.table import overlapped_collective
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.options import LayerOption, option_for
@@ -160,7 +161,17 @@ def _resolve(key: Key, j: int, index: dict, span, stage: int) -> Window | None:
 def make_period(req: PlanRequest, partition: tuple[int, ...], rank: int,
                 windows: bool = True) -> Period:
     """The period of `rank` (one stage per rank); without `windows` all recompute is on demand
-    (then the MILP is an exact checkmate: least step time, memory as the simulator counts)."""
+    (then the MILP is an exact checkmate: least step time, memory as the simulator counts).
+
+    Memoised per cost table (a lynx-heu run asks for the same periods from its checkmate
+    candidates and its count programmes); the Period is frozen and shared.
+    """
+    key = ("period", req.parallel, req.model.num_layers, partition, rank, windows)
+    return per_cost(req.costs, key, lambda: _make_period(req, partition, rank, windows))
+
+
+def _make_period(req: PlanRequest, partition: tuple[int, ...], rank: int,
+                 windows: bool) -> Period:
     c, actions = req.costs.contention, base_order(req).ranks[rank]
     units = _units(req, partition, rank)
     fwd_cap = {(u, s.step): s.coll_ms * c for u, p in units for s in p.fwd if s.coll_ms >= 0}
