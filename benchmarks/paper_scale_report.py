@@ -183,16 +183,22 @@ def target_heu_time(rows: Sequence[Row]) -> str:
             f"**{'met' if med < 50 else 'missed'}** — median {med:,.0f} ms over all rows "
             f"(CPU time {statistics.median(r['heu_median_cpu_ms'] for r in rows):,.0f} ms).")
     if slow or med >= 50:
-        text += (" No MILP runs on these regular stages (lynx-heu's keep sets are a "
-                 "replicated-layer knapsack, re-picked by the exact count programme "
-                 "`plan/countdp.py` where the knapsack would send layers to `full`; its "
-                 "never-slower-than-checkmate candidate comes from the same programme). What is "
-                 "left is simulation and its bookkeeping: every candidate (window-aware and "
-                 "checkmate keep sets, on the balanced and the uniform partition) goes through "
-                 "the tightening loop and the idle-window refinement, each a full-step "
-                 "simulation of pp × m micro-batches, and the count programmes of each tightening "
-                 "round (`python benchmarks/heu_phases.py CLUSTER MODEL ATTENTION FRACTION` "
-                 "breaks one row down by phase).")
+        by_att = {a: statistics.median(r["heu_median_ms"] for r in rows if r["attention"] == a)
+                  for a in sorted({r["attention"] for r in rows})}
+        slow_att = sorted({r["attention"] for r in slow})
+        text += (" No MILP runs on these regular stages (keep sets: a replicated-layer "
+                 "knapsack, re-picked by the exact count programme `plan/countdp.py` where it "
+                 "would send layers to `full`; the never-slower-than-checkmate candidate comes "
+                 "from the same programme). Median by attention: "
+                 + ", ".join(f"{a} {ms:,.0f} ms" for a, ms in by_att.items())
+                 + (f"; the rows at or over 0.2 s are all {slow_att[0]}" if len(slow_att) == 1
+                    else "") + ". What is left is work per candidate, with no single hot spot: "
+                 "simulating the window-aware candidates (their backward passes host "
+                 "recompute, so they are walked step by step), the count programme and the "
+                 "knapsack over every keep/drop option of a layer (over 40 with explicit "
+                 "attention, about 24 fused), and the refinement "
+                 "(`python benchmarks/heu_phases.py CLUSTER MODEL ATTENTION FRACTION` breaks "
+                 "one row down by phase).")
     return text
 
 
