@@ -191,23 +191,39 @@ class RankState:
     """Mutable state of one simulated rank (slots: its fields are read in the hot loops)."""
 
     rank: int
+    """Pipeline rank."""
     actions: tuple[Action, ...]
+    """Its order."""
     idx: int = 0
+    """Next action to run."""
     t: float = 0.0
+    """Compute stream clock (ms)."""
     comm_free: float = 0.0
+    """When the p2p stream is free (ms)."""
     mem: int = 0
+    """Activation bytes held now."""
     peak: int = 0
+    """Most activation bytes held so far."""
     compute_ms: float = 0.0
+    """Forward + backward compute so far."""
     comm_exposed_ms: float = 0.0
+    """Compute stream blocked on TP collectives so far."""
     idle_ms: float = 0.0
+    """Waiting for pipeline neighbours so far."""
     recompute_hidden_ms: float = 0.0
+    """Recompute run inside windows so far."""
     recompute_exposed_ms: float = 0.0
+    """Recompute on the critical path so far."""
     pinned: dict[Window, list[Action]] = field(default_factory=dict)
+    """R actions waiting for their window."""
     done: set[tuple[int, int, int]] = field(default_factory=set)
+    """(mb, layer, segment) of the tasks run in windows or on demand."""
     timeline: list[tuple[float, int] | Replay] = field(default_factory=list)
+    """(time, bytes) after each memory change; a short-path action's changes as its Replay."""
     extra: int = 0
     """Timeline points held in Replays beyond the one list slot each (marks count them)."""
     marks: list[int] = field(default_factory=list)
+    """Per action run: the timeline index where its memory changes begin."""
 
 
 def apply(st: RankState, s: Summary, action: Action) -> Replay:
