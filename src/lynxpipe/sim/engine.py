@@ -15,7 +15,6 @@ bit-for-bit unchanged (tested against `short_path=False`).
 
 from __future__ import annotations
 
-import functools
 import gc
 from collections.abc import Callable
 from typing import ClassVar
@@ -28,14 +27,9 @@ from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV, is_planned
 from lynxpipe.sim import fast
-from lynxpipe.sim.fast import RankState
+from lynxpipe.sim.fast import RankState, WindowKey, window_of
 from lynxpipe.sim.program import Program, Task, compile_program
-from lynxpipe.sim.result import RankStats, SimResult, Timeline, TraceEvent, WindowUse
-
-WindowKey = tuple[str, int, int, int, int, str]
-"""A window's fields in order (kind, mb, stage, layer, step, recv). `Window` is a named tuple, so
-a plain tuple of its fields hashes and compares equal to it: tables are keyed by the plan's
-Window objects, and the hot loops probe them with plain tuples, ~13x cheaper to build."""
+from lynxpipe.sim.result import RankStats, SimResult, TraceEvent
 
 FwdEntry = tuple[int, float, int, float, int]
 """(layer, compute_ms, alloc_bytes, coll_ms, step) of one forward step of a stage."""
@@ -43,13 +37,6 @@ BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, flo
                  int]
 """(layer, tasks, needs, compute_ms, overlap_ms, its wall ms under the collective, window wait_ms,
 coll_ms, free_bytes, step); see `cost.table.overlapped_collective`."""
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def _window_of(key: WindowKey) -> Window:
-    """The Window of a probe tuple, for the records of opened windows; building a named tuple
-    costs ~0.7 us and a step opens thousands of windows, so they are shared across runs."""
-    return Window(*key)
 
 
 class Simulator:
@@ -147,7 +134,7 @@ class Simulator:
         capacity = wait_ms * contention
         pinned = st.pinned.pop(key, None)
         used = self._fill(st, pinned, wait_ms, capacity) if pinned else 0.0
-        self.windows.append((st.rank, _window_of(key), st.t, wait_ms, used))
+        self.windows.append((st.rank, window_of(key), st.t, wait_ms, used))
         idle = max(0.0, wait_ms - used / contention)
         recv = key[0] == RECV
         if self.trace:
@@ -166,7 +153,7 @@ class Simulator:
         sync = self.costs.tp_sync_ms  # the wait for the last TP rank: no window, just late
         if self._inline and key not in st.pinned:
             # an empty window: idle = wait_ms, the clock advances by exactly wait_ms
-            self.windows.append((st.rank, _window_of(key), t, wait_ms, 0.0))
+            self.windows.append((st.rank, window_of(key), t, wait_ms, 0.0))
             st.comm_exposed_ms += wait_ms + sync
             return t + wait_ms + sync, mem, peak
         st.t, st.mem, st.peak = t, mem, peak
@@ -314,7 +301,7 @@ class Simulator:
         wait_ms = max(0.0, arrival - st.t)
         key = (RECV, action.mb, action.stage, -1, -1, action.kind)
         if self._inline and key not in st.pinned:
-            self.windows.append((st.rank, _window_of(key), st.t, wait_ms, 0.0))
+            self.windows.append((st.rank, window_of(key), st.t, wait_ms, 0.0))
             st.idle_ms += wait_ms
             st.t += wait_ms
         else:
@@ -402,17 +389,9 @@ class Simulator:
             ranks.append(RankStats(st.rank, st.compute_ms, st.comm_exposed_ms, idle,
                                    st.recompute_hidden_ms, st.recompute_exposed_ms, tail,
                                    st.peak, static))
-        return SimResult(end, tuple(ranks), lambda: self._timeline(states), self._windows_of,
-                         lambda rank: fast.held(states[rank].timeline),
-                         lambda kinds: fast.waits_of(self.windows, kinds), tuple(self.events),
-                         tuple(tuple(st.marks) for st in states))
-
-    def _windows_of(self, kinds: frozenset[str]) -> tuple[WindowUse, ...]:
-        return tuple(map(WindowUse._make, fast.records_of(self.windows, kinds)))
-
-    def _timeline(self, states: list[RankState]) -> Timeline:
-        """Each rank's memory timeline, short-path actions walked from their summaries."""
-        return tuple(fast.expand(st.timeline, fast.points) for st in states)
+        return SimResult(end, tuple(ranks), fast.Details([st.timeline for st in states],
+                                                         self.windows),
+                         tuple(self.events), tuple(tuple(st.marks) for st in states))
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],
              order: PipelineOrder, trace: bool = False) -> SimResult:

@@ -11,12 +11,13 @@ for about one simulation in ten, are built from a `Replay` only when read (`poin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
+from lynxpipe.sim.result import Timeline
 
 Event = tuple[int, str, int, int, float]
 """(clock additions made before it, window kind or "" for a memory change, layer, step,
@@ -61,9 +62,17 @@ class Replay:
         self.t_ms, self.mem_bytes = t_ms, mem_bytes
 
 
+WindowKey = tuple[str, int, int, int, int, str]
+"""A window's fields in order (kind, mb, stage, layer, step, recv). `Window` is a named tuple, so
+a plain tuple of its fields hashes and compares equal to it: tables are keyed by the plan's
+Window objects, and the hot loops probe them with plain tuples, ~13x cheaper to build."""
+
+
 @lru_cache(maxsize=1 << 18)
-def _window(key: tuple[str, int, int, int, int, str]) -> Window:
-    return Window(*key)  # shared across replays and runs, as the step-by-step path does
+def window_of(key: WindowKey) -> Window:
+    """The Window of a probe tuple, for the records of opened windows; building a named tuple
+    costs ~0.7 us and a step opens thousands of windows, so they are shared across runs."""
+    return Window(*key)
 
 
 def _timed(replay: Replay) -> Iterator[tuple[float, Event]]:
@@ -87,24 +96,11 @@ def points(replay: Replay) -> list[tuple[float, int]]:
     return out
 
 
-def held(items: list) -> list[int]:
-    """The bytes held after each change of a rank's timeline (its second column), without
-    the clock: Replays add their summary's relative bytes to what they began with."""
-    out: list[int] = []
-    for item in items:
-        if type(item) is Replay:
-            start = item.mem_bytes
-            out += [start + b for b in item.summary.held_bytes]
-        else:
-            out.append(item[1])
-    return out
-
-
 def records(replay: Replay) -> list[tuple]:
     """The (rank, window, start, wait, used) records the step-by-step walk of the action
     makes (its windows are empty)."""
     mb, stage = replay.action.mb, replay.action.stage
-    return [(replay.rank, _window((kind, mb, stage, layer, step, "")), t, value, 0.0)
+    return [(replay.rank, window_of((kind, mb, stage, layer, step, "")), t, value, 0.0)
             for t, (_, kind, layer, step, value) in _timed(replay) if kind]
 
 
@@ -246,44 +242,60 @@ def apply(st: RankState, s: Summary, action: Action) -> Replay:
     return replay
 
 
-def expand(items: list, walked: Callable[[Replay], list]) -> tuple:
-    """A rank's timeline or the window records, each Replay in it replaced by what walking
-    its action again gives (`walked`)."""
-    out: list = []
-    for item in items:
-        if type(item) is Replay:
-            out += walked(item)
-        else:
-            out.append(item)
-    return tuple(out)
+def _kind(replay: Replay) -> str:
+    """The kind of every window a short-path action opens: forward or backward collective."""
+    return FWD_COLL if replay.action.kind == "F" else BWD_COLL
 
 
-def records_of(items: list, kinds: frozenset[str]) -> list[tuple]:
-    """The window records of `kinds` alone: a short-path F opens only forward windows and a
-    B only backward ones, so Replays of the others are not walked."""
-    out: list[tuple] = []
-    for item in items:
-        if type(item) is Replay:
-            if (FWD_COLL if item.action.kind == "F" else BWD_COLL) in kinds:
-                out += records(item)
-        elif item[1].kind in kinds:
-            out.append(item)
-    return out
+class Details:
+    """What a simulation leaves to be built when read: each rank's timeline and the window
+    records, as the simulator kept them (plain entries, and a Replay per short-path action).
+    Planners read one of these for about one simulation in ten."""
 
+    def __init__(self, timelines: list[list], windows: list) -> None:
+        self.timelines, self.windows = timelines, windows
 
-def waits_of(items: list, kinds: frozenset[str]) -> list[tuple[Window, float, float]]:
-    """(window, wait_ms, used_ms) of the records of `kinds`, in order; a short-path action's
-    windows are read off its summary without walking its clock (they are all empty)."""
-    out: list[tuple[Window, float, float]] = []
-    for item in items:
-        if type(item) is Replay:
-            if (FWD_COLL if item.action.kind == "F" else BWD_COLL) in kinds:
-                mb, stage = item.action.mb, item.action.stage
-                out += [(_window((kind, mb, stage, layer, step, "")), value, 0.0)
-                        for _, kind, layer, step, value in item.summary.events if kind]
-        elif item[1].kind in kinds:
-            out.append((item[1], item[3], item[4]))
-    return out
+    def timeline(self) -> Timeline:
+        """Per rank: (time_ms, bytes held) after every change."""
+        return tuple(tuple(p for item in items for p in (
+            points(item) if type(item) is Replay else (item,))) for items in self.timelines)
+
+    def held(self, rank: int) -> list[int]:
+        """The bytes column of a rank's timeline, without its clock: a Replay adds its
+        summary's relative bytes to what it began with."""
+        out: list[int] = []
+        for item in self.timelines[rank]:
+            if type(item) is Replay:
+                out += [item.mem_bytes + b for b in item.summary.held_bytes]
+            else:
+                out.append(item[1])
+        return out
+
+    def records(self, kinds: frozenset[str]) -> list[tuple]:
+        """(rank, window, start_ms, wait_ms, used_ms) of the windows of `kinds`, in order;
+        Replays of the other kinds are not walked."""
+        out: list[tuple] = []
+        for item in self.windows:
+            if type(item) is Replay:
+                if _kind(item) in kinds:
+                    out += records(item)
+            elif item[1].kind in kinds:
+                out.append(item)
+        return out
+
+    def waits(self, kinds: frozenset[str]) -> list[tuple[Window, float, float]]:
+        """(window, wait_ms, used_ms) of the windows of `kinds`, in order; a short-path
+        action's windows come off its summary without walking its clock (all are empty)."""
+        out: list[tuple[Window, float, float]] = []
+        for item in self.windows:
+            if type(item) is Replay:
+                if _kind(item) in kinds:
+                    mb, stage = item.action.mb, item.action.stage
+                    out += [(window_of((kind, mb, stage, layer, step, "")), value, 0.0)
+                            for _, kind, layer, step, value in item.summary.events if kind]
+            elif item[1].kind in kinds:
+                out.append((item[1], item[3], item[4]))
+        return out
 
 
 def pinned_hosts(order: PipelineOrder) -> tuple[set[tuple[str, int, int]], ...]:

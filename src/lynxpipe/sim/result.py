@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from lynxpipe.schedule.actions import Window
 from lynxpipe.schedule.windows import WINDOW_KINDS
+
+if TYPE_CHECKING:  # sim.fast builds on this module
+    from lynxpipe.sim.fast import Details
 
 
 @dataclass(frozen=True)
@@ -89,17 +91,10 @@ class SimResult:
     """Time of the slowest rank, DP sync and optimizer included."""
     ranks: tuple[RankStats, ...]
     """Per pipeline rank breakdown."""
-    timeline: Callable[[], Timeline] = field(repr=False, compare=False)
-    """Builds `memory_timeline` when first read (planners read it, or `windows`, for about
-    one simulation in ten, and building them was a fifth of a simulation's time)."""
-    select: Callable[[frozenset[str]], tuple[WindowUse, ...]] = field(repr=False,
-                                                                      compare=False)
-    """Builds the window records of the given kinds (`windows`: all of them)."""
-    held: Callable[[int], list[int]] = field(repr=False, compare=False)
-    """A rank's bytes held after each timeline change, without building the timeline."""
-    waits: Callable[[frozenset[str]], list[tuple[Window, float, float]]] = field(
-        repr=False, compare=False)
-    """(window, wait_ms, used_ms) of the windows of the given kinds, without start times."""
+    details: Details = field(repr=False, compare=False)
+    """What is built when read: the memory timeline, the window records and views of them
+    (planners read them for about one simulation in ten; building them every time was a fifth
+    of a simulation's time)."""
     events: tuple[TraceEvent, ...] = ()
     """Trace events (empty unless requested)."""
     action_marks: tuple[tuple[int, ...], ...] = ()
@@ -109,20 +104,17 @@ class SimResult:
     @cached_property
     def memory_timeline(self) -> Timeline:
         """Per rank: (time_ms, activation bytes) after every change."""
-        return self.timeline()
+        return self.details.timeline()
 
     @cached_property
     def windows(self) -> tuple[WindowUse, ...]:
         """Every window that opened, in simulation order."""
-        return self.select(frozenset(WINDOW_KINDS))
+        return tuple(map(WindowUse._make, self.details.records(frozenset(WINDOW_KINDS))))
 
     def idle_of(self, kinds: frozenset[str]) -> list[tuple[Window, float, float]]:
         """(window, wait_ms, used_ms) of every window of `kinds`, in simulation order: what a
         planner moving tasks into idle windows reads, without building the records."""
-        if "windows" in self.__dict__:
-            return [(w.window, w.wait_ms, w.used_ms) for w in self.windows
-                    if w.window.kind in kinds]
-        return self.waits(kinds)
+        return self.details.waits(kinds)
 
     def action_peak_bytes(self, rank: int) -> list[int]:
         """Most activation bytes `rank` holds at any point of each of its actions: what it
@@ -131,9 +123,7 @@ class SimResult:
         if not len(marks):
             return []
         # held[i + 1] is the memory after the timeline's i-th change; held[0] = 0 before any
-        after = ([m for _, m in self.memory_timeline[rank]]
-                 if "memory_timeline" in self.__dict__ else self.held(rank))
-        held = np.array([0, *after], dtype=np.int64)
+        held = np.array([0, *self.details.held(rank)], dtype=np.int64)
         # action i spans held[marks[i] : marks[i + 1] + 1]: from what it began with (the point
         # at its mark) through its last change (the one before the next action's mark)
         peak = np.maximum.reduceat(held, marks)
