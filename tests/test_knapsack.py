@@ -38,7 +38,7 @@ def _every_pair(kept, regen, cost, count, inflight, budget):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(small, small, small), min_size=1, max_size=6),
        st.integers(1, 5), st.sampled_from([1.0, 2.0, 3.0]), st.sampled_from([0.0, 6.0, 14.0, 40.0]))
-def test_upper_triangle_gives_the_first_least_mix_of_all_pairs(opts, count, inflight, budget):
+def test_pair_search_gives_the_first_least_mix_of_all_pairs(opts, count, inflight, budget):
     kept, regen, cost = (np.array(col) for col in zip(*opts))
     assert _pair_argmin(kept, regen, cost, count, inflight, budget)[:2] == \
         _every_pair(kept, regen, cost, count, inflight, budget)

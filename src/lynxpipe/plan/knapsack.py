@@ -7,7 +7,6 @@ Solved with HiGHS through `scipy.optimize.milp`.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -89,35 +88,22 @@ def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: 
 
 def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
                  inflight: float, budget: float) -> tuple[float, tuple[int, ...], float]:
-    """Like pair_knapsack, returning the counts per option and their memory too.
-
-    Only pairs i <= j are tried: (j, i, n) is the mix (i, j, count - n), with the same memory
-    and cost (the sums commute), and comes later in (i, j, n) order, so the first least mix of
-    all pairs is among them; half the work for the same answer.
-    """
-    a, b = _upper_pairs(len(kept))
-    k = np.arange(count + 1)[None, :]
-    mem = inflight * (k * kept[a][:, None] + (count - k) * kept[b][:, None]) \
-        + np.maximum(regen[a], regen[b])[:, None]
-    total = np.where(mem <= budget, k * cost[a][:, None] + (count - k) * cost[b][:, None],
+    """Like pair_knapsack, returning the counts per option and their memory too: the first
+    least (i, j, n) in row-major order, n layers on option i and the rest on j."""
+    k = np.arange(count + 1)[None, None, :]
+    mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None]) \
+        + np.maximum(regen[:, None, None], regen[None, :, None])
+    total = np.where(mem <= budget, k * cost[:, None, None] + (count - k) * cost[None, :, None],
                      np.inf)
-    flat = int(np.argmin(total)) if total.size else 0
-    best = float(total.reshape(-1)[flat]) if total.size else np.inf
+    flat = int(np.argmin(total))
+    best = float(total.reshape(-1)[flat])
     if best == np.inf:
         return INFEASIBLE, (), np.inf
-    pair, n = divmod(flat, count + 1)
+    i, j, n = np.unravel_index(flat, total.shape)
     counts = np.zeros(len(kept), dtype=int)
-    counts[a[pair]] += n
-    counts[b[pair]] += count - n
+    counts[i] += n
+    counts[j] += count - n
     return best, tuple(int(c) for c in counts), float(mem.reshape(-1)[flat])
-
-
-@functools.lru_cache(maxsize=256)
-def _upper_pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """np.triu_indices(size), which costs more than the search it indexes (read-only)."""
-    a, b = np.triu_indices(size)
-    a.flags.writeable = b.flags.writeable = False
-    return a, b
 
 
 def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,

@@ -45,8 +45,7 @@ def insert_recompute(order: PipelineOrder, partition: tuple[int, ...], graph: La
     for key in required_tasks(graph, layers, order.num_microbatches):
         mb, layer, seg = key
         window = placement.get(key, ON_DEMAND)
-        host = ("B", mb, stage_of[layer]) if window is ON_DEMAND else (
-            window.host() or ("B", mb, stage_of[layer]))
+        host = window.host() or ("B", mb, stage_of[layer])
         by_host.setdefault(host, []).append(_r_action(mb, stage_of[layer], layer, seg, window))
     ranks = []
     for actions in order.ranks:

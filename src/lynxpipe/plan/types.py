@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -110,26 +111,12 @@ class Plan:
     windows); empty for planners with one path."""
 
 
-_FINGERPRINTS: dict[tuple[int, int, int, int], tuple[object, object, object, str]] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def plan_fingerprint(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec,
                      budget_bytes: int) -> str:
-    """The fingerprint stored in plan.json and checked by the runtime.
-
-    Cached by the specs' identity (they are frozen, and a planner assembles tens of plans
-    of one request; hashing them by value cost as much as a simulation step); the entry
-    keeps them alive, so an id is not reused while it is cached.
-    """
-    key = (id(model), id(cluster), id(par), budget_bytes)
-    hit = _FINGERPRINTS.get(key)
-    if hit is not None and hit[0] is model and hit[1] is cluster and hit[2] is par:
-        return hit[3]
-    if len(_FINGERPRINTS) >= 64:
-        _FINGERPRINTS.clear()
-    found = fingerprint(model, cluster, par, budget_bytes)
-    _FINGERPRINTS[key] = (model, cluster, par, found)
-    return found
+    """The fingerprint stored in plan.json and checked by the runtime (cached: the specs are
+    frozen, and a planner assembles tens of plans of one request)."""
+    return fingerprint(model, cluster, par, budget_bytes)
 
 
 def save_plan(path: str | Path, plan: Plan) -> Path:
