@@ -18,7 +18,7 @@ import numpy as np
 
 from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.memory import RankBudget
-from lynxpipe.plan.countdp import Solved
+from lynxpipe.plan.countdp import Solved, policies_of
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.loop import Solver, assign, tighten_loop
 from lynxpipe.plan.ondemand import CountOption, count_options
@@ -58,8 +58,7 @@ def rank_counts(req: PlanRequest, period: Period, options: list[CountOption], rb
     counts = per_cost(req.costs.layer, key, lambda: Solved(options, period)).counts(budget)
     if counts is None:
         return {g: FULL for g in rb.layers}, 0.0
-    policies = [o.policy for o, c in zip(options, counts) for _ in range(c)]
-    return dict(zip(sorted(rb.layers), policies)), 0.0
+    return dict(zip(sorted(rb.layers), policies_of(options, counts))), 0.0
 
 
 def knapsack_solver(req: PlanRequest) -> Solver:

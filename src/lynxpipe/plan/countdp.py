@@ -138,7 +138,7 @@ def _usable(options: list[CountOption], num: int, n: int, forward: float, backwa
         if o.peak_bytes > 0 and (n * o.kept_bytes + (n - 1) * (num - 1) * least_kept
                                  + o.peak_bytes > backward):
             continue
-        if o.ms + (num - 1) * least_ms > upper * (1 + 1e-9) + 1e-12:
+        if o.ms + (num - 1) * least_ms > upper * (1 + 1e-9) + 1e-12:  # a hair over: rounding
             continue
         out.append(i)
     return out
@@ -242,7 +242,12 @@ def solve_counts_dp(options: list[CountOption], period: Period, budget: int,
     counts = best_counts(options, period, budget)
     if counts is None:
         return None
-    return [o.policy for o, c in zip(options, counts) for _ in range(c)], 0.0
+    return policies_of(options, counts), 0.0
+
+
+def policies_of(options: list[CountOption], counts: tuple[int, ...]) -> list[LayerPolicy]:
+    """The layers' policies bottom-up: `counts[i]` layers on option i, in Jackson order."""
+    return [o.policy for o, c in zip(options, counts) for _ in range(c)]
 
 
 def needed_budget(options: list[CountOption], counts: tuple[int, ...], period: Period) -> int:
