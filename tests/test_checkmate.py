@@ -9,7 +9,7 @@ import pytest
 from conftest import on_demand_outcomes
 
 from lynxpipe.cost.table import analytic_costs
-from lynxpipe.plan.checkmate import plan_checkmate
+from lynxpipe.plan.checkmate import least_step_ms, plan_checkmate
 from lynxpipe.plan.opt import solve_lynx_opt
 from lynxpipe.plan.simple import default_partition, plan_full, plan_selective
 from lynxpipe.plan.types import PlanRequest
@@ -104,3 +104,29 @@ def test_checkmate_no_slower_than_full_and_selective(name):
             if other.predicted.fits_budget:
                 assert plan.predicted.fits_budget
                 assert plan.predicted.step_time_ms <= other.predicted.step_time_ms * (1 + TOL)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_least_step_bounds_checkmate_from_below(name):
+    """lynx-heu leaves out checkmate's keep sets on a partition where its own plan already
+    beats `least_step_ms`; that is sound only if no checkmate plan there is faster than the
+    bound: at every budget, from below the least feasible to keeping everything, the plan is
+    no faster than either form (relaxed, solved), and where one is infinite the plan does not
+    fit. The bound also says more than 'keep everything' somewhere (it is not trivially low)."""
+    req = _request(name)
+    peaks = sorted({peak for _, peak in _exhaustive(name)})
+    floor = min(t for t, _ in _exhaustive(name))
+    above_floor = 0
+    for budget in [peaks[0] - 1, peaks[0], *_budgets(name), peaks[-1]]:
+        at = replace(req, budget_bytes=budget)
+        plan = plan_checkmate(at)
+        relaxed, solved = (least_step_ms(at, default_partition(at), exact)
+                           for exact in (False, True))
+        assert relaxed <= solved, budget
+        for bound in (relaxed, solved):
+            if bound == float("inf"):
+                assert not plan.predicted.fits_budget, budget
+                continue
+            assert bound <= plan.predicted.step_time_ms * (1 + 1e-12), budget
+            above_floor += bound > floor * (1 + 1e-9)
+    assert above_floor

@@ -18,6 +18,7 @@ from lynxpipe.plan.countdp import (
     _skyline,
     best_counts,
     least_budget,
+    least_ms_bound,
     needed_budget,
 )
 from lynxpipe.plan.ondemand import count_options
@@ -111,3 +112,27 @@ def test_options_left_out_change_no_answer(attention, monkeypatch):
             every = best_counts(options, period, budget)
         assert best_counts(options, period, budget) == every, budget
     assert any(pruned)
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+def test_least_ms_bound_is_below_every_answer(attention):
+    """The forward row's relaxation never exceeds the programme's least time, is infinite only
+    where nothing fits, and comes within a few percent where recompute is forced (what lets
+    lynx-heu leave checkmate's keep sets out)."""
+    req = _request("gpt-13b", attention, "a100-pcie", ParallelSpec(
+        tp=8, pp=4, num_microbatches=16, seq_len=2048))
+    options = count_options(req.costs.layer)
+    close = 0
+    for rank in range(4):
+        period = make_period(req, default_partition(req), rank, windows=False)
+        least = least_budget(options, period)
+        for budget in [least - 1, *range(least, 3 * least, least // 20)]:
+            bound, counts = least_ms_bound(options, period, budget), \
+                best_counts(options, period, budget)
+            if counts is None:
+                assert budget < least
+                continue
+            best = sum(c * o.ms for c, o in zip(counts, options))
+            assert bound <= best * (1 + 1e-12) + 1e-12, (rank, budget)
+            close += best > 0 and bound >= 0.9 * best
+    assert close

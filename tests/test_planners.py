@@ -115,3 +115,35 @@ def test_other_schedules_fit_and_order(schedule):
     gap = 1 + TOL + (plans["checkmate"].mip_gap or 0.0)
     assert _time(plans["lynx-heu"]) <= _time(plans["checkmate"]) * gap
     assert _time(plans["checkmate"]) < _time(plans["full"])
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+def test_heu_leaves_out_checkmate_only_where_it_could_not_win(attention, monkeypatch):
+    """Where lynx-heu's own plan beats checkmate's lower bound on a partition, checkmate's keep
+    sets are not solved there; the plan must be the very plan solving them gives."""
+    from dataclasses import replace
+
+    import lynxpipe.plan.heu as heu
+    from lynxpipe.specs import get_model
+
+    model = replace(get_model("gpt-13b"), attention=attention)
+    cluster = get_cluster("a100-pcie")
+    par = ParallelSpec(tp=8, pp=4, num_microbatches=16, seq_len=2048)
+    probe = PlanRequest(model=model, cluster=cluster, parallel=par, budget_bytes=2**60,
+                        costs=analytic_costs(model, cluster, par))
+    ranks = make("none", probe).predicted.ranks
+    budget = max(r.static_bytes for r in ranks) + int(0.15 * max(
+        r.peak_activation_bytes for r in ranks))
+    ahead, solved = [], []
+    test, run = heu._ahead_of_checkmate, heu.checkmate_run
+    monkeypatch.setattr(heu, "_ahead_of_checkmate", lambda *a: ahead.append(test(*a)) or
+                        ahead[-1])
+    monkeypatch.setattr(heu, "checkmate_run", lambda req, p, *a: solved.append(p) or run(
+        req, p, *a))
+    req = replace(probe, budget_bytes=budget)
+    skipping = make("lynx-heu", req)
+    assert any(ahead) and len(solved) == ahead.count(False)  # some were left out
+    monkeypatch.setattr(heu, "_ahead_of_checkmate", lambda *_: False)
+    solving = make("lynx-heu", replace(req, costs=analytic_costs(model, cluster, par)))
+    assert (skipping.layers, skipping.order, skipping.predicted, skipping.chosen_from) == \
+        (solving.layers, solving.order, solving.predicted, solving.chosen_from)

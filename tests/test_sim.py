@@ -237,3 +237,46 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
             assert a.idle_of(some) == b.idle_of(some), name
             assert [a.action_peak_bytes(r) for r in range(par.pp)] == peaks, name
     assert short_taken > 0
+
+
+def test_extra_backward_time_is_an_on_demand_plan_of_that_recompute():
+    """Keeping everything while each backward of a stage first runs `extra_backward_ms` of
+    recompute is, to the last rounding, the step of an on-demand plan that recomputes that
+    long per backward (checkmate's lower bound rests on it); the short path and the step-by-
+    step walk agree on it bit for bit, and more recompute never shortens the step."""
+    from dataclasses import replace
+
+    from lynxpipe.cost.table import analytic_costs
+    from lynxpipe.plan.checkmate import plan_checkmate
+    from lynxpipe.plan.types import PlanRequest
+    from lynxpipe.schedule.policy import stage_layers
+    from lynxpipe.sim.engine import Simulator
+    from lynxpipe.sim.program import compile_program
+    from lynxpipe.specs import ParallelSpec, get_cluster, get_model
+
+    model, clus = get_model("gpt-1.3b"), get_cluster("a100-pcie")
+    par = ParallelSpec(tp=2, pp=2, num_microbatches=4, micro_batch_size=2, seq_len=1024)
+    probe = PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=1 << 40,
+                        costs=replace(analytic_costs(model, clus, par), tp_sync_ms=0.013))
+    keep = (KEEP_ALL,) * model.num_layers
+    none = simulate(probe.costs, (12, 12), keep, make_order("1f1b", 2, 1, 4))
+    act = none.ranks[0].peak_activation_bytes
+    plan = plan_checkmate(replace(probe, budget_bytes=none.ranks[0].static_bytes
+                                  + int(0.4 * act)))
+    per_stage = tuple(sum(t.duration_ms for g in rng
+                          for t in compile_program(probe.costs.layer, plan.layers[g])
+                          .tasks.values())
+                      for rng in stage_layers(plan.partition))
+    assert all(ms > 0 for ms in per_stage)  # the plan recomputes on both stages
+    order = make_order("1f1b", 2, 1, 4)
+    args = (probe.costs, plan.partition, keep, order)
+    bound = Simulator(*args, extra_backward_ms=per_stage).run()
+    walked = Simulator(*args, short_path=False, extra_backward_ms=per_stage).run()
+    assert (bound.step_time_ms, bound.ranks) == (walked.step_time_ms, walked.ranks)
+    assert bound.step_time_ms == pytest.approx(plan.predicted.step_time_ms, rel=1e-12)
+    assert bound.recompute_exposed_ms == pytest.approx(plan.predicted.recompute_exposed_ms,
+                                                       rel=1e-12)
+    less = simulate(*args, extra_backward_ms=(per_stage[0] / 2, per_stage[1]))
+    assert none.step_time_ms < less.step_time_ms < bound.step_time_ms
+    with pytest.raises(LynxError, match=r"1 stage\(s\), the order has 2"):
+        Simulator(*args, extra_backward_ms=(1.0,))

@@ -17,8 +17,9 @@ from dataclasses import replace
 import numpy as np
 
 from lynxpipe.cost.memo import per_cost
-from lynxpipe.cost.memory import RankBudget
-from lynxpipe.plan.countdp import Solved, policies_of
+from lynxpipe.cost.memory import RankBudget, rank_budgets
+from lynxpipe.plan.countdp import INF, Solved, least_ms_bound, policies_of
+from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import choose_counts
 from lynxpipe.plan.loop import Solver, assign, tighten_loop
 from lynxpipe.plan.ondemand import CountOption, count_options
@@ -26,7 +27,8 @@ from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.partition import choose_partition, default_partition
 from lynxpipe.plan.period import Period, make_period
 from lynxpipe.plan.types import Plan, PlanRequest
-from lynxpipe.schedule.policy import FULL, LayerPolicy
+from lynxpipe.schedule.policy import FULL, KEEP_ALL, LayerPolicy
+from lynxpipe.sim.engine import simulate
 from lynxpipe.sim.result import SimResult
 
 
@@ -53,12 +55,18 @@ def rank_counts(req: PlanRequest, period: Period, options: list[CountOption], rb
     memoised per cost object under `tag` (what prices the options) and the only parts of the
     period the programme reads: ranks of two partitions (lynx-heu tries two) that agree on
     them share one solve, and a tightening loop's falling budgets reuse answers (`Solved`)."""
-    budget = rb.activation_bytes + rb.extras_bytes - margin
-    key = (tag, len(period.layers), period.inflight, period.extras, period.buffer)
-    counts = per_cost(req.costs.layer, key, lambda: Solved(options, period)).counts(budget)
+    counts = _solved(req, period, options, tag).counts(
+        rb.activation_bytes + rb.extras_bytes - margin)
     if counts is None:
         return {g: FULL for g in rb.layers}, 0.0
     return dict(zip(sorted(rb.layers), policies_of(options, counts))), 0.0
+
+
+def _solved(req: PlanRequest, period: Period, options: list[CountOption], tag: object,
+            ) -> Solved:
+    """The count programme of a rank's period, shared per cost object (see `rank_counts`)."""
+    key = (tag, len(period.layers), period.inflight, period.extras, period.buffer)
+    return per_cost(req.costs.layer, key, lambda: Solved(options, period))
 
 
 def knapsack_solver(req: PlanRequest) -> Solver:
@@ -84,6 +92,38 @@ def checkmate_run(req: PlanRequest, partition: tuple[int, ...], name: str, start
     conservative = req.parallel.virtual_stages > 1  # the knapsack: hand slack back once
     return tighten_loop(req, partition, name, checkmate_solver(req, partition), start, notes,
                         relax=conservative)
+
+
+def least_step_ms(req: PlanRequest, partition: tuple[int, ...], exact: bool = False) -> float:
+    """A lower bound on the step time of `checkmate_run(req, partition, ...)`'s plan, from one
+    simulation of a keep-everything plan (inf: none of its plans fits the budget).
+
+    With one stage per rank, checkmate's tightening loop only ever lowers a rank's budget
+    (relax is off, margins >= 0), so every backward of rank r recomputes at least the count
+    programme's least time at the full budget (`exact`: solved, and shared with checkmate's
+    own first round), itself at least the forward row's relaxation (`countdp.least_ms_bound`,
+    no solve). The count rows are exact, so where there is no answer no plan fits. The step is
+    monotone in every action's duration, so the step with that much on demand in each
+    backward is a bound. Interleaved schedules (the knapsack, whose loop relaxes): 0.
+    """
+    if req.parallel.virtual_stages != 1:
+        return 0.0
+    order = base_order(req)
+    options = count_options(req.costs.layer)
+    extra = [0.0] * req.parallel.pp
+    for rb in rank_budgets(req.costs, partition, order, req.budget_bytes, req.reserve_bytes):
+        period = make_period(req, partition, rb.rank, windows=False)
+        budget = rb.activation_bytes + rb.extras_bytes
+        if exact:
+            counts = _solved(req, period, options, "checkmate-dp").counts(budget)
+            ms = INF if counts is None else sum(c * o.ms for c, o in zip(counts, options))
+        else:
+            ms = least_ms_bound(options, period, budget)
+        if ms == INF:
+            return INF
+        extra[rb.rank] = ms
+    return simulate(req.costs, partition, (KEEP_ALL,) * req.model.num_layers, order,
+                    extra_backward_ms=tuple(extra)).step_time_ms
 
 
 def plan_checkmate_on(req: PlanRequest, partition: tuple[int, ...], name: str) -> Plan:

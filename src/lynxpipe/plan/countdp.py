@@ -287,6 +287,19 @@ class Solved:
         return counts
 
 
+def least_ms_bound(options: list[CountOption], period: Period, budget: int) -> float:
+    """A lower bound on the recompute time of `best_counts(options, period, budget)` (inf:
+    nothing fits): the forward row alone with fractional counts, i.e. the options' convex
+    hull at the mean kept bytes per layer the row allows (the programme's own cut)."""
+    num, n = len(period.layers), period.inflight
+    forward, _ = _rows(period, budget)
+    if forward < 0:
+        return INF
+    hull = _hull(tuple((float(o.kept_bytes), o.ms) for o in options))
+    xs, ys = np.array([x for x, _ in hull]), np.array([y for _, y in hull])
+    return float(_least_ms((xs, ys), np.array([num]), np.array([forward / n]))[0])
+
+
 def least_budget(options: list[CountOption], period: Period) -> int:
     """Smallest `budget` (bytes for the rank's activations and extras) any option mix fits."""
     options = [replace(o, ms=0.0) for o in options]  # feasibility only: a smaller skyline

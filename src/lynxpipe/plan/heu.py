@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from lynxpipe.cost.memory import RankBudget
-from lynxpipe.plan.checkmate import checkmate_run, rank_counts
+from lynxpipe.plan.checkmate import checkmate_run, least_step_ms, rank_counts
 from lynxpipe.plan.finalize import base_order
 from lynxpipe.plan.knapsack import Replicated, choose_counts, improve
 from lynxpipe.plan.loop import assign, tighten_loop
@@ -188,13 +188,16 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
     # fastest window-aware candidate, and checkmate's keep sets where they beat it, get one
     source, run = min(candidates, key=lambda c: _rank_key(c[1][0]))
     found = [(source, refine(req, *run))]
-    if not _at_floor(req, found[0][1], uniform):
+    # checkmate's plans are only worth making on partitions where they might be faster
+    behind = [] if _at_floor(req, found[0][1], uniform) else [
+        p for p in partitions if not _ahead_of_checkmate(req, found[0][1], p)]
+    if behind:
         # off the uniform partition no guarantee is owed, so an interleaved schedule's
         # knapsack MILP gets a short limit (on regular stages `countdp` is exact, no MILP)
         aside = [(f"checkmate keep sets, partition {partition}", checkmate_run(
             req if partition == uniform else replace(req, time_limit_s=ASIDE_LIMIT_S),
             partition, "lynx-heu", start, (f"partition {partition}; checkmate keep sets",)))
-            for partition in partitions]
+            for partition in behind]
         source, run = min(aside, key=lambda c: _rank_key(c[1][0]))
         found.append((source, refine(req, *run) if _rank_key(run[0]) < _rank_key(found[0][1])
                       else run[0]))
@@ -215,6 +218,16 @@ def _at_floor(req: PlanRequest, plan: Plan, uniform: tuple[int, ...]) -> bool:
         return True
     keep = simulate(req.costs, uniform, (KEEP_ALL,) * req.model.num_layers, base_order(req))
     return plan.predicted.step_time_ms <= keep.step_time_ms
+
+
+def _ahead_of_checkmate(req: PlanRequest, plan: Plan, partition: tuple[int, ...]) -> bool:
+    """Whether `plan` fits and is faster than every plan checkmate can make on `partition`
+    (its lower bound, `checkmate.least_step_ms`, first without a solve, then with checkmate's
+    own; a hair of slack for float rounding): then checkmate's keep sets there could only
+    lose, and making their plan is not worth its time."""
+    return plan.predicted.fits_budget and any(
+        least_step_ms(req, partition, exact) > plan.predicted.step_time_ms * (1 + 1e-9)
+        for exact in (False, True))
 
 
 def _rank_key(plan: Plan) -> tuple[bool, float]:

@@ -44,11 +44,20 @@ class Simulator:
 
     def __init__(self, costs: CostTable, partition: tuple[int, ...],
                  layers: tuple[LayerPolicy, ...], order: PipelineOrder, trace: bool = False,
-                 short_path: bool = True):
+                 short_path: bool = True, extra_backward_ms: tuple[float, ...] = ()):
         """`short_path=False` walks every F/B step by step: the reference the short path
-        (`sim.fast`) is tested against; results are bit-for-bit the same either way."""
+        (`sim.fast`) is tested against; results are bit-for-bit the same either way.
+
+        `extra_backward_ms[s]` is on-demand recompute every backward of stage s runs first,
+        beyond the plan's own: with it, a keep-everything plan is the step of any on-demand
+        plan whose backwards recompute that long (a planner's bound, `checkmate.least_step_ms`).
+        """
         if len(partition) != order.num_stages:
             raise LynxError(f"partition has {len(partition)} stages, order has {order.num_stages}")
+        if extra_backward_ms and len(extra_backward_ms) != order.num_stages:
+            raise LynxError(f"extra backward time is given for {len(extra_backward_ms)} "
+                            f"stage(s), the order has {order.num_stages}")
+        self.extra_backward_ms = extra_backward_ms or (0.0,) * order.num_stages
         if sum(partition) != len(layers):
             raise LynxError(f"partition covers {sum(partition)} layers, policy has {len(layers)}")
         self.costs, self.order, self.trace = costs, order, trace
@@ -70,7 +79,8 @@ class Simulator:
         # and summaries are kept per cost table, keyed by its layers and their policies
         last = order.num_stages - 1
         stages = [per_cost(costs, ("sim-stage", s == 0, s == last, self.num_layers,
-                                   tuple((g, layers[g]) for g in self.stage_layers[s])),
+                                   tuple((g, layers[g]) for g in self.stage_layers[s]),
+                                   self.extra_backward_ms[s]),
                            lambda s=s: self._stage(s, s < last)) for s in range(last + 1)]
         self._fwd = [fwd for fwd, _, _, _ in stages]
         self._bwd = [bwd for _, bwd, _, _ in stages]
@@ -93,7 +103,8 @@ class Simulator:
         fwd, bwd = self._fwd_entries(stage), self._bwd_entries(stage)
         c = self.costs
         return (fwd, bwd, fast.forward_summary(fwd, c.tp_sync_ms), fast.backward_summary(
-            bwd, c.tp_sync_ms, c.grad_buffer_bytes if frees_grad_buffer else 0))
+            bwd, c.tp_sync_ms, c.grad_buffer_bytes if frees_grad_buffer else 0,
+            self.extra_backward_ms[stage]))
 
     def _fwd_entries(self, stage: int) -> list[FwdEntry]:
         return [(layer, s.compute_ms, s.alloc_bytes, s.coll_ms, s.step)
@@ -241,6 +252,10 @@ class Simulator:
     def _backward(self, st: RankState, action: Action) -> None:
         mb, stage = action.mb, action.stage
         start = t = st.t
+        extra = self.extra_backward_ms[stage]
+        if extra:
+            t += extra
+            st.recompute_exposed_ms += extra
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
         for layer, tasks, needs, ms, overlap_ms, overlap_wall_ms, wait_ms, coll_ms, nfree, step \
                 in self._bwd[stage]:
@@ -394,6 +409,9 @@ class Simulator:
                          tuple(self.events), tuple(tuple(st.marks) for st in states))
 
 def simulate(costs: CostTable, partition: tuple[int, ...], layers: tuple[LayerPolicy, ...],
-             order: PipelineOrder, trace: bool = False) -> SimResult:
-    """Simulate one step of `order` with per-layer `layers` policies over `partition`."""
-    return Simulator(costs, partition, layers, order, trace).run()
+             order: PipelineOrder, trace: bool = False,
+             extra_backward_ms: tuple[float, ...] = ()) -> SimResult:
+    """Simulate one step of `order` with per-layer `layers` policies over `partition`
+    (`extra_backward_ms`: see `Simulator`)."""
+    return Simulator(costs, partition, layers, order, trace,
+                     extra_backward_ms=extra_backward_ms).run()

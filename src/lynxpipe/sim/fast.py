@@ -149,11 +149,15 @@ def forward_summary(entries: list, sync_ms: float) -> Summary:
     return w.summary()
 
 
-def backward_summary(entries: list, sync_ms: float, grad_buffer_bytes: int) -> Summary:
+def backward_summary(entries: list, sync_ms: float, grad_buffer_bytes: int,
+                     extra_ms: float = 0.0) -> Summary:
     """The additions `Simulator._backward` makes over a stage's backward entries, each window
-    empty and every needed task run on demand (once), then the gradient buffer freed
-    (`grad_buffer_bytes`, 0 on the last stage)."""
+    empty: `extra_ms` of on-demand recompute first (if any), every needed task on demand
+    (once), then the gradient buffer freed (`grad_buffer_bytes`, 0 on the last stage)."""
     w = _Walk()
+    if extra_ms:
+        w.clock.append(extra_ms)
+        w.recompute.append(extra_ms)
     ran: set[tuple[int, int]] = set()
     for layer, tasks, needs, ms, overlap_ms, overlap_wall_ms, wait_ms, coll_ms, nfree, step \
             in entries:
