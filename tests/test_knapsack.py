@@ -3,14 +3,20 @@ answers reused across budgets against fresh ones."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lynxpipe.plan.knapsack import (
     INFEASIBLE,
     Replicated,
+    _frontier,
     _pair_argmin,
+    _regen,
+    _replicated,
     replicated_choice,
 )
 from lynxpipe.plan.options import LayerOption
@@ -56,3 +62,54 @@ def test_reused_choices_equal_fresh_ones(opts, data, budgets):
     cached = Replicated(sizes, options, cost, 2.0, 0)
     for budget in budgets:
         assert cached.choice(budget) == replicated_choice(sizes, options, cost, 2.0, budget, 0)
+
+
+def _one_combination_at_a_time(sizes, options, cost, inflight, budget, credit):
+    """lynx-heu's replicated search as first written: one two-option search per boundary
+    combination, each with its own budget and transient peak."""
+    big = int(np.argmax(sizes))
+    small = [k for k in range(len(sizes)) if k != big]
+    kept = np.array([o.kept_bytes for o in options], dtype=float)
+    regen = _regen(options, credit)
+    front = _frontier(kept, cost[big])
+    best, hold = None, (np.inf, 0.0)
+    for combo in itertools.product(*(_frontier(kept, cost[k]) for k in small)):
+        fixed_mem = sum(inflight * kept[o] * sizes[k] for k, o in zip(small, combo))
+        fixed_cost = sum(cost[k, o] * sizes[k] for k, o in zip(small, combo))
+        peak = max((regen[o] for o in combo), default=0.0)
+        obj, sub, mem = _pair_argmin(kept[front], np.maximum(regen[front], peak),
+                                     cost[big][front], sizes[big], inflight,
+                                     budget - fixed_mem)
+        if obj == INFEASIBLE or (best is not None and obj + fixed_cost >= best[1]):
+            continue
+        rows = [[0] * len(options) for _ in sizes]
+        for idx, n in zip(front, sub):
+            rows[big][idx] += n
+        for k, o in zip(small, combo):
+            rows[k][o] = sizes[k]
+        best, hold = (tuple(tuple(r) for r in rows), float(obj + fixed_cost)), (mem, fixed_mem)
+    return best, hold
+
+
+@pytest.mark.parametrize("block", [1, 2, 32])
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(small, small), min_size=1, max_size=7), st.data(),
+       st.integers(0, 80))
+def test_combinations_searched_together_equal_one_at_a_time(block, opts, data, budget):
+    """The boundary combinations' two-option searches run as blocks of one array operation;
+    winner, objective and held memory must be those of searching them one at a time, for
+    one or two boundary classes and blocks that split the combinations anywhere."""
+    import lynxpipe.plan.knapsack as knapsack
+
+    options = [LayerOption(KEEP_ALL, int(k), {0: 1.0}, {0: int(r)}) for k, r in opts]
+    sizes = [data.draw(st.integers(2, 6))] + [1] * data.draw(st.integers(1, 2))
+    cost = np.array([[data.draw(small) for _ in options] for _ in sizes])
+    credit = data.draw(st.sampled_from([0, 1]))
+    saved, knapsack.COMBO_BLOCK = knapsack.COMBO_BLOCK, block
+    try:
+        found, hold = _replicated(sizes, options, cost, 2.0, budget, credit)
+    finally:
+        knapsack.COMBO_BLOCK = saved
+    ref, ref_hold = _one_combination_at_a_time(sizes, options, cost, 2.0, budget, credit)
+    assert (found.counts, found.objective) == ref if ref else found is None
+    assert hold == ref_hold

@@ -90,20 +90,41 @@ def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: i
                  inflight: float, budget: float) -> tuple[float, tuple[int, ...], float]:
     """Like pair_knapsack, returning the counts per option and their memory too: the first
     least (i, j, n) in row-major order, n layers on option i and the rest on j."""
+    return _pair_argmins(kept, regen[None, :], cost, count, inflight, np.array([budget]))[0]
+
+
+COMBO_BLOCK = 32
+"""Boundary combinations searched per array operation (a block's arrays stay a few MB)."""
+
+
+def _pair_argmins(kept: np.ndarray, regens: np.ndarray, cost: np.ndarray, count: int,
+                  inflight: float, budgets: np.ndarray,
+                  ) -> list[tuple[float, tuple[int, ...], float]]:
+    """`_pair_argmin` for each row of `regens` with the matching budget, in blocks of rows:
+    lynx-heu asks once per boundary combination, which differ only in those two. The same
+    element-wise operations as one search at a time, so the same answers, ties included."""
     k = np.arange(count + 1)[None, None, :]
-    mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None]) \
-        + np.maximum(regen[:, None, None], regen[None, :, None])
-    total = np.where(mem <= budget, k * cost[:, None, None] + (count - k) * cost[None, :, None],
-                     np.inf)
-    flat = int(np.argmin(total))
-    best = float(total.reshape(-1)[flat])
-    if best == np.inf:
-        return INFEASIBLE, (), np.inf
-    i, j, n = np.unravel_index(flat, total.shape)
-    counts = np.zeros(len(kept), dtype=int)
-    counts[i] += n
-    counts[j] += count - n
-    return best, tuple(int(c) for c in counts), float(mem.reshape(-1)[flat])
+    kept_mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None])
+    time_ms = k * cost[:, None, None] + (count - k) * cost[None, :, None]
+    out: list[tuple[float, tuple[int, ...], float]] = []
+    for lo in range(0, len(budgets), COMBO_BLOCK):
+        regen = regens[lo:lo + COMBO_BLOCK]
+        mem = kept_mem[None] + np.maximum(regen[:, :, None, None], regen[:, None, :, None])
+        total = np.where(mem <= budgets[lo:lo + COMBO_BLOCK, None, None, None], time_ms[None],
+                         np.inf).reshape(len(regen), -1)
+        flat = np.argmin(total, axis=1)
+        for row, at in enumerate(flat.tolist()):
+            best = float(total[row, at])
+            if best == np.inf:
+                out.append((INFEASIBLE, (), np.inf))
+                continue
+            i, j, n = np.unravel_index(at, kept_mem.shape)
+            counts = np.zeros(len(kept), dtype=int)
+            counts[i] += n
+            counts[j] += count - n
+            out.append((best, tuple(int(c) for c in counts),
+                        float(mem[row].reshape(-1)[at])))
+    return out
 
 
 def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
@@ -154,15 +175,18 @@ def _replicated(class_sizes: list[int], options: list[LayerOption], cost: np.nda
     kept = np.array([o.kept_bytes for o in options], dtype=float)
     regen = _regen(options, transient_credit)
     front = _frontier(kept, cost[big])
+    combos = list(itertools.product(*(_frontier(kept, cost[k]) for k in small)))
+    fixed_mem = [sum(inflight * kept[o] * class_sizes[k] for k, o in zip(small, combo))
+                 for combo in combos]
+    peak_regen = [max((regen[o] for o in combo), default=0.0) for combo in combos]
+    mixes = _pair_argmins(kept[front], np.maximum(regen[front][None, :],
+                                                  np.array(peak_regen)[:, None]),
+                          cost[big][front], class_sizes[big], inflight,
+                          activation_bytes - np.array(fixed_mem, dtype=float))
     best: Choice | None = None
     hold = (np.inf, 0.0)
-    for combo in itertools.product(*(_frontier(kept, cost[k]) for k in small)):
-        fixed_mem = sum(inflight * kept[o] * class_sizes[k] for k, o in zip(small, combo))
+    for combo, (obj, sub, mem), held in zip(combos, mixes, fixed_mem):
         fixed_cost = sum(cost[k, o] * class_sizes[k] for k, o in zip(small, combo))
-        peak_regen = max((regen[o] for o in combo), default=0.0)
-        obj, sub, mem = _pair_argmin(kept[front], np.maximum(regen[front], peak_regen),
-                                cost[big][front], class_sizes[big], inflight,
-                                activation_bytes - fixed_mem)
         if obj == INFEASIBLE or (best is not None and obj + fixed_cost >= best.objective):
             continue
         rows = [[0] * len(options) for _ in class_sizes]
@@ -171,7 +195,7 @@ def _replicated(class_sizes: list[int], options: list[LayerOption], cost: np.nda
         for k, o in zip(small, combo):
             rows[k][o] = class_sizes[k]
         best = Choice(tuple(tuple(r) for r in rows), float(obj + fixed_cost), 0.0)
-        hold = (mem, fixed_mem)
+        hold = (mem, held)
     return best, hold
 
 
