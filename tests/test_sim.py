@@ -1,5 +1,7 @@
 """Simulator: exact toy cases, windows, on-demand recompute, memory and deadlock detection."""
 
+import re
+
 import pytest
 from conftest import toy_costs
 from hypothesis import given, settings
@@ -214,7 +216,7 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
                         costs=replace(analytic_costs(model, clus, par), tp_sync_ms=0.013))
     none = make("none", probe)
     static, act = none.predicted.ranks[0].static_bytes, none.predicted.ranks[0].peak_activation_bytes
-    short_taken = 0
+    short_taken = filled_taken = 0
     for fraction in (0.3, 0.6):
         req = replace(probe, budget_bytes=static + int(fraction * act))
         for name in PLANNERS:
@@ -223,6 +225,8 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
             fast, slow = Simulator(*args), Simulator(*args, short_path=False)
             a, b = fast.run(), slow.run()
             short_taken += sum(type(w) is Replay for w in fast.windows)
+            filled_taken += sum(type(w) is Replay and bool(w.summary.filled)
+                                for w in fast.windows)
             # windows of some kinds and held bytes before the timeline and windows are built
             some = frozenset({RECV, FWD_COLL})
             assert a.idle_of(some) == [(w.window, w.wait_ms, w.used_ms) for w in b.windows
@@ -236,7 +240,7 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
             assert a.windows == b.windows, name
             assert a.idle_of(some) == b.idle_of(some), name
             assert [a.action_peak_bytes(r) for r in range(par.pp)] == peaks, name
-    assert short_taken > 0
+    assert short_taken > 0 and filled_taken > 0
 
 
 def test_extra_backward_time_is_an_on_demand_plan_of_that_recompute():
@@ -280,3 +284,47 @@ def test_extra_backward_time_is_an_on_demand_plan_of_that_recompute():
     assert none.step_time_ms < less.step_time_ms < bound.step_time_ms
     with pytest.raises(LynxError, match=r"1 stage\(s\), the order has 2"):
         Simulator(*args, extra_backward_ms=(1.0,))
+
+
+def _with_r(order, mb_host, r):
+    """`order` (one rank) with R action `r` inserted right before B of `mb_host`."""
+    ranks = list(order.ranks[0])
+    at = next(i for i, a in enumerate(ranks) if a.kind == "B" and a.mb == mb_host)
+    return PipelineOrder(order.schedule, 1, 1, order.num_microbatches,
+                         (tuple(ranks[:at] + [r] + ranks[at:]),))
+
+
+@pytest.mark.parametrize("bad", [None, "twice", "no such step", "twice, later micro-batch"])
+def test_backward_windows_summarised_as_walked_and_rejected_alike(bad):
+    """A backward hosting recompute takes a summary of its walk with its windows filled
+    (tasks of its own and of later micro-batches): results equal the step-by-step walk, and
+    a placement the walk rejects is rejected with the same message."""
+    from lynxpipe.sim.engine import Simulator
+    from lynxpipe.sim.fast import Replay
+
+    costs = toy_costs(tp=2, coll_ms=1.0)
+    drop = LayerPolicy(frozenset({"probs"}))
+    layers = (drop, drop)
+    order = insert_recompute(make_order("1f1b", 1, 1, 3), (2,), costs.layer.graph, layers, {
+        (0, 1, 0): Window("bwd_coll", 0, 0, 1, 2), (0, 0, 0): Window("bwd_coll", 0, 0, 1, 5),
+        (2, 0, 0): Window("bwd_coll", 0, 0, 0, 2), (1, 1, 0): Window("bwd_coll", 1, 0, 1, 2)})
+    extra = {"twice": (0, Action("R", 0, 0, 0, 0, Window("bwd_coll", 0, 0, 0, 2))),
+             "no such step": (1, Action("R", 1, 0, 0, 0, Window("bwd_coll", 1, 0, 1, 99))),
+             "twice, later micro-batch": (1, Action("R", 2, 0, 0, 0,
+                                                    Window("bwd_coll", 1, 0, 1, 5)))}
+    if bad:
+        order = _with_r(order, *extra[bad])
+    args = (costs, (2,), layers, order)
+    if bad:
+        with pytest.raises(LynxError) as walked:
+            Simulator(*args, short_path=False).run()
+        with pytest.raises(LynxError, match=re.escape(str(walked.value))):
+            Simulator(*args).run()
+        return
+    fast, slow = Simulator(*args), Simulator(*args, short_path=False)
+    a, b = fast.run(), slow.run()
+    filled = [w for w in fast.windows if type(w) is Replay and w.summary.filled]
+    assert {w.action.mb for w in filled} == {0, 1}
+    assert (a.step_time_ms, a.ranks, a.memory_timeline, a.windows) == \
+        (b.step_time_ms, b.ranks, b.memory_timeline, b.windows)
+    assert a.ranks[0].recompute_hidden_ms > 0

@@ -5,10 +5,11 @@ TP collectives are fixed-duration blocking steps. Ranks advance round-robin unti
 RECV whose SEND has not been simulated yet; no progress means deadlock.
 
 Planners call `simulate` ~30 times per run, so it is written for speed: an F or B that hosts no
-recompute (every one of an on-demand plan) applies its stage's summary (`sim.fast`) and leaves
-its memory points and window records to be built if anyone reads them; elsewhere each stage's
-steps are flattened once into tuples, the rank's clock and counters live in locals, and a window
-that hosts no recompute takes a short path; the cyclic GC is paused during a run. Every float is
+recompute (every one of an on-demand plan) applies its stage's summary (`sim.fast`), a B that
+does applies a summary of its walk with those tasks (kept per stage and tasks), and both leave
+their memory points and window records to be built if anyone reads them; elsewhere each
+stage's steps are flattened once into tuples, the rank's clock and counters live in locals, and
+a window that hosts no recompute takes a short path; the cyclic GC is paused during a run. Every float is
 still accumulated in the same order as the straightforward interpreter, so results are
 bit-for-bit unchanged (tested against `short_path=False`).
 """
@@ -81,11 +82,13 @@ class Simulator:
         stages = [per_cost(costs, ("sim-stage", s == 0, s == last, self.num_layers,
                                    tuple((g, layers[g]) for g in self.stage_layers[s]),
                                    self.extra_backward_ms[s]),
-                           lambda s=s: self._stage(s, s < last)) for s in range(last + 1)]
-        self._fwd = [fwd for fwd, _, _, _ in stages]
-        self._bwd = [bwd for _, bwd, _, _ in stages]
-        self._summaries = {key: summary for s, (_, _, f, b) in enumerate(stages)
+                           lambda s=s: self._stage(s)) for s in range(last + 1)]
+        self._fwd = [fwd for fwd, _, _, _, _ in stages]
+        self._bwd = [bwd for _, bwd, _, _, _ in stages]
+        self._summaries = {key: summary for s, (_, _, f, b, _) in enumerate(stages)
                            for key, summary in ((("F", s), f), (("B", s), b))}
+        self._windowed_summaries = [windowed for *_, windowed in stages]
+        self._stage_sets = [frozenset(layers) for layers in self.stage_layers]
         # the short path (`sim.fast`) stands for the inline window path only
         self._hosts = fast.pinned_hosts(order) if self._inline and short_path else ()
 
@@ -98,13 +101,18 @@ class Simulator:
             units.append((self.num_layers, self.head))
         return units
 
-    def _stage(self, stage: int, frees_grad_buffer: bool,
-               ) -> tuple[list[FwdEntry], list[BwdEntry], fast.Summary, fast.Summary]:
+    def _stage(self, stage: int,
+               ) -> tuple[list[FwdEntry], list[BwdEntry], fast.Summary, fast.Summary, dict]:
+        """A stage's flattened steps, its plain summaries, and an (empty) table of its
+        backward's summaries with windows filled (`_windowed`)."""
         fwd, bwd = self._fwd_entries(stage), self._bwd_entries(stage)
         c = self.costs
         return (fwd, bwd, fast.forward_summary(fwd, c.tp_sync_ms), fast.backward_summary(
-            bwd, c.tp_sync_ms, c.grad_buffer_bytes if frees_grad_buffer else 0,
-            self.extra_backward_ms[stage]))
+            bwd, c.tp_sync_ms, self._grad_buffer(stage), self.extra_backward_ms[stage]), {})
+
+    def _grad_buffer(self, stage: int) -> int:
+        """Bytes of the gradient buffer a backward of `stage` frees (none on the last)."""
+        return self.costs.grad_buffer_bytes if stage < self.order.num_stages - 1 else 0
 
     def _fwd_entries(self, stage: int) -> list[FwdEntry]:
         return [(layer, s.compute_ms, s.alloc_bytes, s.coll_ms, s.step)
@@ -182,12 +190,13 @@ class Simulator:
         programs, num_layers = self.programs, self.num_layers
         for action in pinned:
             layer = action.layer
-            key = (action.mb, layer, action.segment)
+            key = (layer, action.segment)
             if action.segment < 0:
                 raise LynxError(f"rank {st.rank}: {action} is a whole-layer recompute, which "
                                 "replays the layer's forward collectives: it runs on demand, "
                                 "not inside a communication window")
-            if key in done:
+            ran = done.setdefault(action.mb, set())
+            if key in ran:
                 raise LynxError(f"rank {st.rank}: {action} recomputed twice")
             task = programs[layer].tasks.get(action.segment) if 0 <= layer < num_layers else None
             if task is None:
@@ -202,7 +211,7 @@ class Simulator:
             used += dur
             hidden_ms += hidden
             exposed_ms += dur - hidden
-            done.add(key)
+            ran.add(key)
             if task.alloc_bytes:
                 mem += task.alloc_bytes
                 if mem > peak:  # noqa: PLR1730 -- max(peak, mem) exactly, minus a call
@@ -214,13 +223,56 @@ class Simulator:
 
     # -- actions -----------------------------------------------------------------------------
     def _compute(self, st: RankState, action: Action) -> None:
-        """An F or B: the short path when nothing is pinned to it, else step by step."""
-        if self._hosts and (action.kind, action.mb, action.stage) not in self._hosts[st.rank]:
-            self._short(st, action, self._summaries[(action.kind, action.stage)])
-        elif action.kind == "F":
+        """An F or B: its stage's summary when nothing is pinned to it, a B's summary with
+        its windows filled where that applies, else step by step."""
+        if self._hosts:
+            hosts, hosted = self._hosts[st.rank]
+            if (action.kind, action.mb, action.stage) not in hosts:
+                self._short(st, action, self._summaries[(action.kind, action.stage)])
+                return
+            if action.kind == "B" and self._windowed(
+                    st, action, hosted.get((action.mb, action.stage), ())):
+                return
+        if action.kind == "F":
             self._forward(st, action)
         else:
             self._backward(st, action)
+
+    def _windowed(self, st: RankState, action: Action, windows: tuple[Window, ...]) -> bool:
+        """A B hosting recompute in its windows, or whose micro-batch ran tasks early, as the
+        summary of its walk with those tasks; a stage's summaries are kept per what they read
+        (the tasks in each window, relative micro-batch included, and those already run).
+        False where the walk would raise or reads beyond the stage (step by step then)."""
+        mb, stage, inside = action.mb, action.stage, self._stage_sets[action.stage]
+        fills = []
+        for w in windows:
+            pinned = st.pinned.get(w)
+            if pinned is None:
+                continue
+            if w.kind != BWD_COLL or w.recv or any(a.layer not in inside for a in pinned):
+                return False
+            fills.append(((w.layer, w.step), tuple((a.mb - mb, a.layer, a.segment)
+                                                   for a in pinned)))
+        ran = st.done.get(mb)
+        before = frozenset(t for t in ran if t[0] in inside) if ran else frozenset()
+        known = self._windowed_summaries[stage]
+        key = (tuple(fills), before)
+        if key not in known:
+            c = self.costs
+            known[key] = fast.backward_summary(
+                self._bwd[stage], c.tp_sync_ms, self._grad_buffer(stage),
+                self.extra_backward_ms[stage], dict(fills), before, c.contention,
+                lambda layer: self.programs[layer].tasks)
+        s = known[key]
+        if s is None or any(off and (layer, seg) in st.done.get(mb + off, ())
+                            for off, layer, seg in s.filled):
+            return False
+        for w in windows:
+            st.pinned.pop(w, None)
+        self._short(st, action, s)
+        for off, layer, seg in s.filled:
+            st.done.setdefault(mb + off, set()).add((layer, seg))
+        return True
 
     def _short(self, st: RankState, action: Action, s: fast.Summary) -> None:
         replay = fast.apply(st, s, action)
@@ -286,8 +338,8 @@ class Simulator:
     def _on_demand(self, st: RankState, mb: int, layer: int, segment: int,
                    tasks: dict[int, Task]) -> None:
         """Run a recompute right before the backward that needs it (exposed)."""
-        key = (mb, layer, segment)
-        if key in st.done:
+        key, ran = (layer, segment), st.done.setdefault(mb, set())
+        if key in ran:
             return
         task = tasks[segment]
         if self.trace:
@@ -295,7 +347,7 @@ class Simulator:
                         st.t, task.duration_ms)
         st.t += task.duration_ms
         st.recompute_exposed_ms += task.duration_ms
-        st.done.add(key)
+        ran.add(key)
         self._alloc(st, task.alloc_bytes)
 
     def _send(self, st: RankState, action: Action) -> None:

@@ -1,17 +1,20 @@
-"""The simulator's short path: an F or B action that hosts no recompute, summarised per stage.
+"""The simulator's short path: an F or B action summarised per stage.
 
 Most F/B actions of a plan host no pinned recompute and find none of their tasks regenerated
 early (every action of an on-demand plan, the forwards of a windowed one). Their effect on the
 rank is then the same for every micro-batch: the same additions to its clock and counters, the
 same memory changes. A `Summary` holds those additions in the order the step-by-step walk makes
 them, so the clock and counters come out bit-for-bit the same, and the memory's net change and
-highest point exactly (integers). The memory points and window records, which a planner reads
-for about one simulation in ten, are built from a `Replay` only when read (`points`, `records`).
+highest point exactly (integers). A backward whose windows host recompute gets a summary of
+the walk with those tasks (`backward_summary(..., hosted=...)`): the micro-batches of a
+windowed plan mostly host the same tasks, so a few such summaries serve a whole step. The
+memory points and window records, which a planner reads for about one simulation in ten, are
+built from a `Replay` only when read (`points`, `records`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -19,9 +22,12 @@ from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
 from lynxpipe.sim.result import Timeline
 
-Event = tuple[int, str, int, int, float]
+Event = tuple[int, str, int, int, float, float]
 """(clock additions made before it, window kind or "" for a memory change, layer, step,
-the window's wait_ms or the change in bytes)."""
+the window's wait_ms or the change in bytes, the compute its tasks used (0 for a change))."""
+Filled = tuple[int, int, int]
+"""A task run in a window of a backward: (its micro-batch minus the backward's, layer,
+segment)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +41,12 @@ class Summary:
     comm_ms: tuple[float, ...]
     """Additions to the rank's exposed communication, in order."""
     recompute_ms: tuple[float, ...]
-    """Additions to the rank's exposed recompute (on-demand tasks), in order."""
+    """Additions to the rank's exposed recompute (on demand, or spilling out of a window), in
+    order."""
+    hidden_ms: tuple[float, ...]
+    """Additions to the rank's recompute hidden in windows, in order."""
+    filled: tuple[Filled, ...]
+    """Tasks run in the action's windows (each is then done)."""
     net_bytes: int
     """Activation bytes held after the action minus before."""
     high_bytes: int | None
@@ -89,7 +100,7 @@ def _timed(replay: Replay) -> Iterator[tuple[float, Event]]:
 def points(replay: Replay) -> list[tuple[float, int]]:
     """The (time, bytes held) points the step-by-step walk of the action adds."""
     out, mem = [], replay.mem_bytes
-    for t, (_, kind, _, _, value) in _timed(replay):
+    for t, (_, kind, _, _, value, _) in _timed(replay):
         if not kind:
             mem += value
             out.append((t, mem))
@@ -98,10 +109,10 @@ def points(replay: Replay) -> list[tuple[float, int]]:
 
 def records(replay: Replay) -> list[tuple]:
     """The (rank, window, start, wait, used) records the step-by-step walk of the action
-    makes (its windows are empty)."""
+    makes."""
     mb, stage = replay.action.mb, replay.action.stage
-    return [(replay.rank, window_of((kind, mb, stage, layer, step, "")), t, value, 0.0)
-            for t, (_, kind, layer, step, value) in _timed(replay) if kind]
+    return [(replay.rank, window_of((kind, mb, stage, layer, step, "")), t, value, used)
+            for t, (_, kind, layer, step, value, used) in _timed(replay) if kind]
 
 
 class _Walk:
@@ -112,25 +123,29 @@ class _Walk:
         self.compute: list[float] = []
         self.comm: list[float] = []
         self.recompute: list[float] = []
+        self.hidden: list[float] = []
+        self.filled: list[Filled] = []
         self.events: list[Event] = []
 
     def change(self, nbytes: int) -> None:
-        self.events.append((len(self.clock), "", 0, 0, nbytes))
+        self.events.append((len(self.clock), "", 0, 0, nbytes, 0.0))
 
-    def window(self, kind: str, layer: int, step: int, wait_ms: float) -> None:
-        self.events.append((len(self.clock), kind, layer, step, wait_ms))
+    def window(self, kind: str, layer: int, step: int, wait_ms: float, used_ms: float = 0.0,
+               ) -> None:
+        self.events.append((len(self.clock), kind, layer, step, wait_ms, used_ms))
 
     def summary(self) -> Summary:
         mem, held, windows = 0, [], 0
-        for _, kind, _, _, value in self.events:
+        for _, kind, _, _, value, _ in self.events:
             if kind:
                 windows += 1
                 continue
             mem += value
             held.append(mem)
         return Summary(tuple(self.clock), tuple(self.compute), tuple(self.comm),
-                       tuple(self.recompute), mem, max(held, default=None), len(held), windows,
-                       tuple(self.events), tuple(held))
+                       tuple(self.recompute), tuple(self.hidden), tuple(self.filled), mem,
+                       max(held, default=None), len(held), windows, tuple(self.events),
+                       tuple(held))
 
 
 def forward_summary(entries: list, sync_ms: float) -> Summary:
@@ -150,15 +165,26 @@ def forward_summary(entries: list, sync_ms: float) -> Summary:
 
 
 def backward_summary(entries: list, sync_ms: float, grad_buffer_bytes: int,
-                     extra_ms: float = 0.0) -> Summary:
-    """The additions `Simulator._backward` makes over a stage's backward entries, each window
-    empty: `extra_ms` of on-demand recompute first (if any), every needed task on demand
-    (once), then the gradient buffer freed (`grad_buffer_bytes`, 0 on the last stage)."""
+                     extra_ms: float = 0.0, hosted: dict[tuple[int, int], tuple[Filled, ...]]
+                     | None = None, done: frozenset[tuple[int, int]] = frozenset(),
+                     contention: float = 1.0, tasks_of: Callable[[int], dict] | None = None,
+                     ) -> Summary | None:
+    """The additions `Simulator._backward` makes over a stage's backward entries: `extra_ms`
+    of on-demand recompute first (if any), each window filled with the tasks `hosted` there
+    (by (layer, step), in pin order; `tasks_of(layer)` gives a layer's tasks), every needed
+    task not in `done` (layer, segment) nor filled on demand (once), then the gradient buffer
+    freed (`grad_buffer_bytes`, 0 on the last stage).
+
+    None where the walk would raise or leave a hosted window unopened (a whole-layer or
+    unknown task in a window, a task run twice): the simulator then walks step by step,
+    which says what is wrong.
+    """
     w = _Walk()
     if extra_ms:
         w.clock.append(extra_ms)
         w.recompute.append(extra_ms)
-    ran: set[tuple[int, int]] = set()
+    hosted = hosted or {}
+    ran, opened = set(done), 0
     for layer, tasks, needs, ms, overlap_ms, overlap_wall_ms, wait_ms, coll_ms, nfree, step \
             in entries:
         for seg in needs:
@@ -176,14 +202,47 @@ def backward_summary(entries: list, sync_ms: float, grad_buffer_bytes: int,
             w.clock.append(overlap_wall_ms)
             w.compute.append(overlap_ms)
             w.comm.append(overlap_wall_ms - overlap_ms)
-            w.window(BWD_COLL, layer, step, wait_ms)
-            w.clock += [wait_ms, sync_ms]
-            w.comm.append(wait_ms + sync_ms)
+            filled = hosted.get((layer, step))
+            if filled is None:
+                w.window(BWD_COLL, layer, step, wait_ms)
+                w.clock += [wait_ms, sync_ms]
+                w.comm.append(wait_ms + sync_ms)
+            elif not _fill(w, filled, ran, wait_ms, contention, tasks_of, layer, step, sync_ms):
+                return None
+            opened += filled is not None
         if nfree:
             w.change(-nfree)
     if grad_buffer_bytes:
         w.change(-grad_buffer_bytes)
-    return w.summary()
+    return w.summary() if opened == len(hosted) else None
+
+
+def _fill(w: _Walk, filled: tuple[Filled, ...], ran: set[tuple[int, int]], wait_ms: float,
+          contention: float, tasks_of: Callable[[int], dict], layer: int, step: int,
+          sync_ms: float) -> bool:
+    """A window of `wait_ms` running `filled`, as `Simulator._window` and `_fill` do: each
+    task's bytes at the window's start, what does not fit in its capacity runs after it.
+    False where the step-by-step walk would raise."""
+    capacity, used = wait_ms * contention, 0.0
+    for off, task_layer, seg in filled:
+        task = tasks_of(task_layer).get(seg) if seg >= 0 else None
+        if task is None or (off, task_layer, seg) in w.filled or (
+                off == 0 and (task_layer, seg) in ran):
+            return False
+        if off == 0:
+            ran.add((task_layer, seg))
+        w.filled.append((off, task_layer, seg))
+        dur = task.duration_ms
+        hidden = max(0.0, min(dur, capacity - used))
+        used += dur
+        w.hidden.append(hidden)
+        w.recompute.append(dur - hidden)
+        if task.alloc_bytes:
+            w.change(task.alloc_bytes)
+    w.window(BWD_COLL, layer, step, wait_ms, used)
+    w.clock += [wait_ms + max(0.0, used - capacity), sync_ms]
+    w.comm += [max(0.0, wait_ms - used / contention), sync_ms]
+    return True
 
 
 @dataclass(slots=True)
@@ -216,8 +275,8 @@ class RankState:
     """Recompute on the critical path so far."""
     pinned: dict[Window, list[Action]] = field(default_factory=dict)
     """R actions waiting for their window."""
-    done: set[tuple[int, int, int]] = field(default_factory=set)
-    """(mb, layer, segment) of the tasks run in windows or on demand."""
+    done: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+    """Per micro-batch, (layer, segment) of its tasks run in windows or on demand."""
     timeline: list[tuple[float, int] | Replay] = field(default_factory=list)
     """(time, bytes) after each memory change; a short-path action's changes as its Replay."""
     extra: int = 0
@@ -231,6 +290,11 @@ def apply(st: RankState, s: Summary, action: Action) -> Replay:
     same float additions in the same order as the walk; returns the action's Replay."""
     replay = Replay(action, st.rank, s, st.t, st.mem)
     t, compute, comm, exposed = st.t, st.compute_ms, st.comm_exposed_ms, st.recompute_exposed_ms
+    if s.hidden_ms:
+        hidden = st.recompute_hidden_ms
+        for x in s.hidden_ms:
+            hidden += x
+        st.recompute_hidden_ms = hidden
     for x in s.clock_ms:
         t += x
     for x in s.compute_ms:
@@ -289,33 +353,40 @@ class Details:
 
     def waits(self, kinds: frozenset[str]) -> list[tuple[Window, float, float]]:
         """(window, wait_ms, used_ms) of the windows of `kinds`, in order; a short-path
-        action's windows come off its summary without walking its clock (all are empty)."""
+        action's windows come off its summary without walking its clock."""
         out: list[tuple[Window, float, float]] = []
         for item in self.windows:
             if type(item) is Replay:
                 if _kind(item) in kinds:
                     mb, stage = item.action.mb, item.action.stage
-                    out += [(window_of((kind, mb, stage, layer, step, "")), value, 0.0)
-                            for _, kind, layer, step, value in item.summary.events if kind]
+                    out += [(window_of((kind, mb, stage, layer, step, "")), value, used)
+                            for _, kind, layer, step, value, used in item.summary.events
+                            if kind]
             elif item[1].kind in kinds:
                 out.append((item[1], item[3], item[4]))
         return out
 
 
-def pinned_hosts(order: PipelineOrder) -> tuple[set[tuple[str, int, int]], ...]:
-    """Per rank, the F/B actions (kind, mb, stage) that may not take the short path: those
-    hosting a pinned window, and every B of a micro-batch with a task pinned anywhere (its
-    on-demand tasks may have run early)."""
+def pinned_hosts(order: PipelineOrder) -> tuple[tuple[set[tuple[str, int, int]],
+                                                     dict[tuple[int, int], tuple[Window, ...]]],
+                                               ...]:
+    """Per rank: the F/B actions (kind, mb, stage) that may not apply their stage's plain
+    summary (those hosting a pinned window, and every B of a micro-batch with a task pinned
+    anywhere: its on-demand tasks may have run early), and per B (mb, stage) among them the
+    windows pinned to it, in pin order."""
     out = []
     for actions in order.ranks:
         hosts: set[tuple[str, int, int]] = set()
         early: set[int] = set()
+        hosted: dict[tuple[int, int], dict[Window, None]] = {}
         for action in actions:
             if action.kind == "R" and action.window is not None:
                 host = action.window.host()  # None: on demand, nothing pinned
                 if host is not None:
                     hosts.add(host)
                     early.add(action.mb)
+                    if host[0] == "B":
+                        hosted.setdefault(host[1:], {})[action.window] = None
         hosts.update(("B", mb, s) for mb in early for s in range(order.num_stages))
-        out.append(hosts)
+        out.append((hosts, {key: tuple(ws) for key, ws in hosted.items()}))
     return tuple(out)
