@@ -189,12 +189,13 @@ def target_heu_time(rows: Sequence[Row]) -> str:
         text += (" No MILP runs on these regular stages (keep sets: a replicated-layer "
                  "knapsack, re-picked by the exact count programme `plan/countdp.py` where it "
                  "would send layers to `full`; the never-slower-than-checkmate candidate comes "
-                 "from the same programme). Median by attention: "
+                 "from the same programme, and is left out on a partition where lynx-heu's plan "
+                 "already beats checkmate's lower bound). Median by attention: "
                  + ", ".join(f"{a} {ms:,.0f} ms" for a, ms in by_att.items())
                  + (f"; the rows at or over 0.2 s are all {slow_att[0]}" if len(slow_att) == 1
                     else "") + ". What is left is work per candidate, with no single hot spot: "
-                 "simulating the window-aware candidates (their backward passes host "
-                 "recompute, so they are walked step by step), the count programme and the "
+                 "simulating the window-aware candidates (each new set of keep sets and "
+                 "windows is summarised afresh), the count programme and the "
                  "knapsack over every keep/drop option of a layer (over 40 with explicit "
                  "attention, about 24 fused), and the refinement "
                  "(`python benchmarks/heu_phases.py CLUSTER MODEL ATTENTION FRACTION` breaks "

@@ -204,8 +204,8 @@ def test_short_path_equals_the_step_by_step_walk(schedule):
     from lynxpipe.plan.planners import PLANNERS, make
     from lynxpipe.plan.types import PlanRequest
     from lynxpipe.schedule.windows import FWD_COLL, RECV
+    from lynxpipe.sim.details import Replay
     from lynxpipe.sim.engine import Simulator
-    from lynxpipe.sim.fast import Replay
     from lynxpipe.specs import ParallelSpec, get_cluster, get_model
 
     model, clus = get_model("gpt-1.3b"), get_cluster("a100-pcie")
@@ -299,8 +299,8 @@ def test_backward_windows_summarised_as_walked_and_rejected_alike(bad):
     """A backward hosting recompute takes a summary of its walk with its windows filled
     (tasks of its own and of later micro-batches): results equal the step-by-step walk, and
     a placement the walk rejects is rejected with the same message."""
+    from lynxpipe.sim.details import Replay
     from lynxpipe.sim.engine import Simulator
-    from lynxpipe.sim.fast import Replay
 
     costs = toy_costs(tp=2, coll_ms=1.0)
     drop = LayerPolicy(frozenset({"probs"}))

@@ -7,11 +7,11 @@ RECV whose SEND has not been simulated yet; no progress means deadlock.
 Planners call `simulate` ~30 times per run, so it is written for speed: an F or B that hosts no
 recompute (every one of an on-demand plan) applies its stage's summary (`sim.fast`), a B that
 does applies a summary of its walk with those tasks (kept per stage and tasks), and both leave
-their memory points and window records to be built if anyone reads them; elsewhere each
-stage's steps are flattened once into tuples, the rank's clock and counters live in locals, and
-a window that hosts no recompute takes a short path; the cyclic GC is paused during a run. Every float is
-still accumulated in the same order as the straightforward interpreter, so results are
-bit-for-bit unchanged (tested against `short_path=False`).
+their memory points and window records to be built if anyone reads them (`sim.details`);
+elsewhere each stage's steps are flattened once into tuples, the rank's clock and counters live
+in locals, and a window that hosts no recompute takes a short path; the cyclic GC is paused
+during a run. Every float is still accumulated in the same order as the straightforward
+interpreter, so results are bit-for-bit unchanged (tested against `short_path=False`).
 """
 
 from __future__ import annotations
@@ -22,22 +22,16 @@ from typing import ClassVar
 
 from lynxpipe.cost.memo import per_cost
 from lynxpipe.cost.memory import rank_params, static_bytes
-from lynxpipe.cost.table import CostTable, overlapped_collective
+from lynxpipe.cost.table import CostTable
 from lynxpipe.errors import LynxError
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.policy import KEEP_ALL, LayerPolicy, stage_layers
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV, is_planned
 from lynxpipe.sim import fast
-from lynxpipe.sim.fast import RankState, WindowKey, window_of
+from lynxpipe.sim.details import Details, WindowKey, window_of
+from lynxpipe.sim.fast import RankState
 from lynxpipe.sim.program import Program, Task, compile_program
 from lynxpipe.sim.result import RankStats, SimResult, TraceEvent
-
-FwdEntry = tuple[int, float, int, float, int]
-"""(layer, compute_ms, alloc_bytes, coll_ms, step) of one forward step of a stage."""
-BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, float, float, int,
-                 int]
-"""(layer, tasks, needs, compute_ms, overlap_ms, its wall ms under the collective, window wait_ms,
-coll_ms, free_bytes, step); see `cost.table.overlapped_collective`."""
 
 
 class Simulator:
@@ -83,11 +77,11 @@ class Simulator:
                                    tuple((g, layers[g]) for g in self.stage_layers[s]),
                                    self.extra_backward_ms[s]),
                            lambda s=s: self._stage(s)) for s in range(last + 1)]
-        self._fwd = [fwd for fwd, _, _, _, _ in stages]
-        self._bwd = [bwd for _, bwd, _, _, _ in stages]
-        self._summaries = {key: summary for s, (_, _, f, b, _) in enumerate(stages)
-                           for key, summary in ((("F", s), f), (("B", s), b))}
-        self._windowed_summaries = [windowed for *_, windowed in stages]
+        self._stages = stages
+        self._fwd = [stage.fwd for stage in stages]
+        self._bwd = [stage.bwd for stage in stages]
+        self._summaries = {key: summary for s, stage in enumerate(stages) for key, summary in
+                           ((("F", s), stage.forward), (("B", s), stage.backward))}
         self._stage_sets = [frozenset(layers) for layers in self.stage_layers]
         # the short path (`sim.fast`) stands for the inline window path only
         self._hosts = fast.pinned_hosts(order) if self._inline and short_path else ()
@@ -101,29 +95,13 @@ class Simulator:
             units.append((self.num_layers, self.head))
         return units
 
-    def _stage(self, stage: int,
-               ) -> tuple[list[FwdEntry], list[BwdEntry], fast.Summary, fast.Summary, dict]:
-        """A stage's flattened steps, its plain summaries, and an (empty) table of its
-        backward's summaries with windows filled (`_windowed`)."""
-        fwd, bwd = self._fwd_entries(stage), self._bwd_entries(stage)
-        c = self.costs
-        return (fwd, bwd, fast.forward_summary(fwd, c.tp_sync_ms), fast.backward_summary(
-            bwd, c.tp_sync_ms, self._grad_buffer(stage), self.extra_backward_ms[stage]), {})
+    def _stage(self, stage: int) -> fast.Stage:
+        return fast.stage_steps(self.costs, self._units(stage), self._grad_buffer(stage),
+                                self.extra_backward_ms[stage])
 
     def _grad_buffer(self, stage: int) -> int:
         """Bytes of the gradient buffer a backward of `stage` frees (none on the last)."""
         return self.costs.grad_buffer_bytes if stage < self.order.num_stages - 1 else 0
-
-    def _fwd_entries(self, stage: int) -> list[FwdEntry]:
-        return [(layer, s.compute_ms, s.alloc_bytes, s.coll_ms, s.step)
-                for layer, prog in self._units(stage) for s in prog.fwd]
-
-    def _bwd_entries(self, stage: int) -> list[BwdEntry]:
-        c = self.costs.contention
-        return [(layer, prog.tasks, s.needs, s.compute_ms, s.overlap_ms,
-                 *(overlapped_collective(s.overlap_ms, s.coll_ms, c) if s.coll_ms >= 0
-                   else (s.overlap_ms, 0.0)), s.coll_ms, s.free_bytes, s.step)
-                for layer, prog in reversed(self._units(stage)) for s in prog.bwd]
 
     # -- helpers -----------------------------------------------------------------------------
     def _event(self, st: RankState, stream: str, name: str, cat: str, start: float, dur: float) -> None:
@@ -240,38 +218,18 @@ class Simulator:
 
     def _windowed(self, st: RankState, action: Action, windows: tuple[Window, ...]) -> bool:
         """A B hosting recompute in its windows, or whose micro-batch ran tasks early, as the
-        summary of its walk with those tasks; a stage's summaries are kept per what they read
-        (the tasks in each window, relative micro-batch included, and those already run).
-        False where the walk would raise or reads beyond the stage (step by step then)."""
-        mb, stage, inside = action.mb, action.stage, self._stage_sets[action.stage]
-        fills = []
-        for w in windows:
-            pinned = st.pinned.get(w)
-            if pinned is None:
-                continue
-            if w.kind != BWD_COLL or w.recv or any(a.layer not in inside for a in pinned):
-                return False
-            fills.append(((w.layer, w.step), tuple((a.mb - mb, a.layer, a.segment)
-                                                   for a in pinned)))
-        ran = st.done.get(mb)
-        before = frozenset(t for t in ran if t[0] in inside) if ran else frozenset()
-        known = self._windowed_summaries[stage]
-        key = (tuple(fills), before)
-        if key not in known:
-            c = self.costs
-            known[key] = fast.backward_summary(
-                self._bwd[stage], c.tp_sync_ms, self._grad_buffer(stage),
-                self.extra_backward_ms[stage], dict(fills), before, c.contention,
-                lambda layer: self.programs[layer].tasks)
-        s = known[key]
-        if s is None or any(off and (layer, seg) in st.done.get(mb + off, ())
-                            for off, layer, seg in s.filled):
+        summary of its walk with those tasks (`fast.windowed`); False: step by step."""
+        stage, c = action.stage, self.costs
+        s = fast.windowed(st, action, windows, self._stage_sets[stage],
+                          self._stages[stage].windowed, lambda fills, before: (
+                              fast.backward_summary(
+                                  self._bwd[stage], c.tp_sync_ms, self._grad_buffer(stage),
+                                  self.extra_backward_ms[stage], fills, before, c.contention,
+                                  lambda layer: self.programs[layer].tasks)))
+        if s is None:
             return False
-        for w in windows:
-            st.pinned.pop(w, None)
         self._short(st, action, s)
-        for off, layer, seg in s.filled:
-            st.done.setdefault(mb + off, set()).add((layer, seg))
+        fast.mark_run(st, action.mb, s, windows)
         return True
 
     def _short(self, st: RankState, action: Action, s: fast.Summary) -> None:
@@ -456,7 +414,7 @@ class Simulator:
             ranks.append(RankStats(st.rank, st.compute_ms, st.comm_exposed_ms, idle,
                                    st.recompute_hidden_ms, st.recompute_exposed_ms, tail,
                                    st.peak, static))
-        return SimResult(end, tuple(ranks), fast.Details([st.timeline for st in states],
+        return SimResult(end, tuple(ranks), Details([st.timeline for st in states],
                                                          self.windows),
                          tuple(self.events), tuple(tuple(st.marks) for st in states))
 

@@ -6,21 +6,22 @@ rank is then the same for every micro-batch: the same additions to its clock and
 same memory changes. A `Summary` holds those additions in the order the step-by-step walk makes
 them, so the clock and counters come out bit-for-bit the same, and the memory's net change and
 highest point exactly (integers). A backward whose windows host recompute gets a summary of
-the walk with those tasks (`backward_summary(..., hosted=...)`): the micro-batches of a
-windowed plan mostly host the same tasks, so a few such summaries serve a whole step. The
-memory points and window records, which a planner reads for about one simulation in ten, are
-built from a `Replay` only when read (`points`, `records`).
+the walk with those tasks (`windowed`): the micro-batches of a windowed plan mostly host the
+same tasks, so a few such summaries serve a whole step. What the walk would have recorded on
+the way (memory points, window records) is built only when read (`sim.details`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from typing import NamedTuple
 
+from lynxpipe.cost.table import CostTable, overlapped_collective
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
 from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
-from lynxpipe.sim.result import Timeline
+from lynxpipe.sim.details import Replay
+from lynxpipe.sim.program import Program, Task
 
 Event = tuple[int, str, int, int, float, float]
 """(clock additions made before it, window kind or "" for a memory change, layer, step,
@@ -28,6 +29,12 @@ the window's wait_ms or the change in bytes, the compute its tasks used (0 for a
 Filled = tuple[int, int, int]
 """A task run in a window of a backward: (its micro-batch minus the backward's, layer,
 segment)."""
+FwdEntry = tuple[int, float, int, float, int]
+"""(layer, compute_ms, alloc_bytes, coll_ms, step) of one forward step of a stage."""
+BwdEntry = tuple[int, dict[int, Task], tuple[int, ...], float, float, float, float, float, int,
+                 int]
+"""(layer, tasks, needs, compute_ms, overlap_ms, its wall ms under the collective, window wait_ms,
+coll_ms, free_bytes, step); see `cost.table.overlapped_collective`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,60 +68,6 @@ class Summary:
     """Bytes held after each memory change, relative to before the action."""
 
 
-class Replay:
-    """An action run on the short path: its summary and where it started (time, memory), all
-    `points` and `records` need."""
-
-    __slots__ = ("action", "rank", "summary", "t_ms", "mem_bytes")
-
-    def __init__(self, action: Action, rank: int, summary: Summary, t_ms: float,
-                 mem_bytes: int) -> None:
-        self.action, self.rank, self.summary = action, rank, summary
-        self.t_ms, self.mem_bytes = t_ms, mem_bytes
-
-
-WindowKey = tuple[str, int, int, int, int, str]
-"""A window's fields in order (kind, mb, stage, layer, step, recv). `Window` is a named tuple, so
-a plain tuple of its fields hashes and compares equal to it: tables are keyed by the plan's
-Window objects, and the hot loops probe them with plain tuples, ~13x cheaper to build."""
-
-
-@lru_cache(maxsize=1 << 18)
-def window_of(key: WindowKey) -> Window:
-    """The Window of a probe tuple, for the records of opened windows; building a named tuple
-    costs ~0.7 us and a step opens thousands of windows, so they are shared across runs."""
-    return Window(*key)
-
-
-def _timed(replay: Replay) -> Iterator[tuple[float, Event]]:
-    """Each event of the action with the clock at it: the same additions, in the same order,
-    as the step-by-step walk."""
-    t, done, clock = replay.t_ms, 0, replay.summary.clock_ms
-    for event in replay.summary.events:
-        while done < event[0]:
-            t += clock[done]
-            done += 1
-        yield t, event
-
-
-def points(replay: Replay) -> list[tuple[float, int]]:
-    """The (time, bytes held) points the step-by-step walk of the action adds."""
-    out, mem = [], replay.mem_bytes
-    for t, (_, kind, _, _, value, _) in _timed(replay):
-        if not kind:
-            mem += value
-            out.append((t, mem))
-    return out
-
-
-def records(replay: Replay) -> list[tuple]:
-    """The (rank, window, start, wait, used) records the step-by-step walk of the action
-    makes."""
-    mb, stage = replay.action.mb, replay.action.stage
-    return [(replay.rank, window_of((kind, mb, stage, layer, step, "")), t, value, used)
-            for t, (_, kind, layer, step, value, used) in _timed(replay) if kind]
-
-
 class _Walk:
     """Collects a summary while mirroring the step-by-step walk."""
 
@@ -146,6 +99,37 @@ class _Walk:
                        tuple(self.recompute), tuple(self.hidden), tuple(self.filled), mem,
                        max(held, default=None), len(held), windows, tuple(self.events),
                        tuple(held))
+
+
+class Stage(NamedTuple):
+    """A stage's steps flattened once, and its summaries, kept per cost table and policies."""
+
+    fwd: list[FwdEntry]
+    """Forward steps, embedding to head."""
+    bwd: list[BwdEntry]
+    """Backward steps, head to embedding."""
+    forward: Summary
+    """A forward hosting no recompute."""
+    backward: Summary
+    """A backward hosting no recompute whose micro-batch ran no task early."""
+    windowed: dict[tuple, Summary | None]
+    """Backwards with windows filled, per (tasks in each window, tasks already run); filled
+    in as the simulator meets them (None: the walk would reject them)."""
+
+
+def stage_steps(costs: CostTable, units: list[tuple[int, Program]], grad_buffer_bytes: int,
+                extra_ms: float) -> Stage:
+    """A stage of (layer id, program) `units`, its backward freeing `grad_buffer_bytes` and
+    running `extra_ms` on demand first."""
+    c = costs.contention
+    fwd = [(layer, s.compute_ms, s.alloc_bytes, s.coll_ms, s.step)
+           for layer, prog in units for s in prog.fwd]
+    bwd = [(layer, prog.tasks, s.needs, s.compute_ms, s.overlap_ms,
+            *(overlapped_collective(s.overlap_ms, s.coll_ms, c) if s.coll_ms >= 0
+              else (s.overlap_ms, 0.0)), s.coll_ms, s.free_bytes, s.step)
+           for layer, prog in reversed(units) for s in prog.bwd]
+    return Stage(fwd, bwd, forward_summary(fwd, costs.tp_sync_ms),
+                 backward_summary(bwd, costs.tp_sync_ms, grad_buffer_bytes, extra_ms), {})
 
 
 def forward_summary(entries: list, sync_ms: float) -> Summary:
@@ -310,61 +294,43 @@ def apply(st: RankState, s: Summary, action: Action) -> Replay:
     return replay
 
 
-def _kind(replay: Replay) -> str:
-    """The kind of every window a short-path action opens: forward or backward collective."""
-    return FWD_COLL if replay.action.kind == "F" else BWD_COLL
+def windowed(st: RankState, action: Action, windows: tuple[Window, ...],
+             inside: frozenset[int], known: dict[tuple, Summary | None],
+             build: Callable[[dict, frozenset], Summary | None]) -> Summary | None:
+    """The summary of B `action` with the tasks pinned to its `windows` and those its
+    micro-batch already ran, from `known` (a stage's table) or `build(hosted, done)`.
+
+    Kept per what the walk reads: the tasks in each window (micro-batch relative to the
+    action's) and the stage's tasks already run. None where the walk would raise, or would
+    read beyond the stage (`inside`: its layers): the simulator then walks step by step.
+    """
+    mb, fills = action.mb, []
+    for w in windows:
+        pinned = st.pinned.get(w)
+        if pinned is None:
+            continue
+        if w.kind != BWD_COLL or w.recv or any(a.layer not in inside for a in pinned):
+            return None
+        fills.append(((w.layer, w.step), tuple((a.mb - mb, a.layer, a.segment)
+                                               for a in pinned)))
+    ran = st.done.get(mb)
+    before = frozenset(t for t in ran if t[0] in inside) if ran else frozenset()
+    key = (tuple(fills), before)
+    if key not in known:
+        known[key] = build(dict(fills), before)
+    s = known[key]
+    if s is None or any(off and (layer, seg) in st.done.get(mb + off, ())
+                        for off, layer, seg in s.filled):
+        return None  # a later micro-batch's task already ran: the walk says so
+    return s
 
 
-class Details:
-    """What a simulation leaves to be built when read: each rank's timeline and the window
-    records, as the simulator kept them (plain entries, and a Replay per short-path action).
-    Planners read one of these for about one simulation in ten."""
-
-    def __init__(self, timelines: list[list], windows: list) -> None:
-        self.timelines, self.windows = timelines, windows
-
-    def timeline(self) -> Timeline:
-        """Per rank: (time_ms, bytes held) after every change."""
-        return tuple(tuple(p for item in items for p in (
-            points(item) if type(item) is Replay else (item,))) for items in self.timelines)
-
-    def held(self, rank: int) -> list[int]:
-        """The bytes column of a rank's timeline, without its clock: a Replay adds its
-        summary's relative bytes to what it began with."""
-        out: list[int] = []
-        for item in self.timelines[rank]:
-            if type(item) is Replay:
-                out += [item.mem_bytes + b for b in item.summary.held_bytes]
-            else:
-                out.append(item[1])
-        return out
-
-    def records(self, kinds: frozenset[str]) -> list[tuple]:
-        """(rank, window, start_ms, wait_ms, used_ms) of the windows of `kinds`, in order;
-        Replays of the other kinds are not walked."""
-        out: list[tuple] = []
-        for item in self.windows:
-            if type(item) is Replay:
-                if _kind(item) in kinds:
-                    out += records(item)
-            elif item[1].kind in kinds:
-                out.append(item)
-        return out
-
-    def waits(self, kinds: frozenset[str]) -> list[tuple[Window, float, float]]:
-        """(window, wait_ms, used_ms) of the windows of `kinds`, in order; a short-path
-        action's windows come off its summary without walking its clock."""
-        out: list[tuple[Window, float, float]] = []
-        for item in self.windows:
-            if type(item) is Replay:
-                if _kind(item) in kinds:
-                    mb, stage = item.action.mb, item.action.stage
-                    out += [(window_of((kind, mb, stage, layer, step, "")), value, used)
-                            for _, kind, layer, step, value, used in item.summary.events
-                            if kind]
-            elif item[1].kind in kinds:
-                out.append((item[1], item[3], item[4]))
-        return out
+def mark_run(st: RankState, mb: int, s: Summary, windows: tuple[Window, ...]) -> None:
+    """After B of `mb` ran as summary `s`: its windows are consumed, their tasks done."""
+    for w in windows:
+        st.pinned.pop(w, None)
+    for off, layer, seg in s.filled:
+        st.done.setdefault(mb + off, set()).add((layer, seg))
 
 
 def pinned_hosts(order: PipelineOrder) -> tuple[tuple[set[tuple[str, int, int]],

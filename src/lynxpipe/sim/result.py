@@ -12,7 +12,7 @@ from lynxpipe.schedule.actions import Window
 from lynxpipe.schedule.windows import WINDOW_KINDS
 
 if TYPE_CHECKING:  # sim.fast builds on this module
-    from lynxpipe.sim.fast import Details
+    from lynxpipe.sim.details import Details
 
 
 @dataclass(frozen=True)
