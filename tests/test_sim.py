@@ -286,15 +286,16 @@ def test_extra_backward_time_is_an_on_demand_plan_of_that_recompute():
         Simulator(*args, extra_backward_ms=(1.0,))
 
 
-def _with_r(order, mb_host, r):
-    """`order` (one rank) with R action `r` inserted right before B of `mb_host`."""
+def _with_r(order, mb_host, r, after=False):
+    """`order` (one rank) with R action `r` inserted right before (after) B of `mb_host`."""
     ranks = list(order.ranks[0])
-    at = next(i for i, a in enumerate(ranks) if a.kind == "B" and a.mb == mb_host)
+    at = after + next(i for i, a in enumerate(ranks) if a.kind == "B" and a.mb == mb_host)
     return PipelineOrder(order.schedule, 1, 1, order.num_microbatches,
                          (tuple(ranks[:at] + [r] + ranks[at:]),))
 
 
-@pytest.mark.parametrize("bad", [None, "twice", "no such step", "twice, later micro-batch"])
+@pytest.mark.parametrize("bad", [None, "twice", "no such step", "twice, later micro-batch",
+                                 "pinned after its window"])
 def test_backward_windows_summarised_as_walked_and_rejected_alike(bad):
     """A backward hosting recompute takes a summary of its walk with its windows filled
     (tasks of its own and of later micro-batches): results equal the step-by-step walk, and
@@ -311,7 +312,9 @@ def test_backward_windows_summarised_as_walked_and_rejected_alike(bad):
     extra = {"twice": (0, Action("R", 0, 0, 0, 0, Window("bwd_coll", 0, 0, 0, 2))),
              "no such step": (1, Action("R", 1, 0, 0, 0, Window("bwd_coll", 1, 0, 1, 99))),
              "twice, later micro-batch": (1, Action("R", 2, 0, 0, 0,
-                                                    Window("bwd_coll", 1, 0, 1, 5)))}
+                                                    Window("bwd_coll", 1, 0, 1, 5))),
+             "pinned after its window": (1, Action("R", 2, 0, 1, 0,
+                                                   Window("bwd_coll", 1, 0, 1, 5)), True)}
     if bad:
         order = _with_r(order, *extra[bad])
     args = (costs, (2,), layers, order)

@@ -84,7 +84,8 @@ class Simulator:
                            ((("F", s), stage.forward), (("B", s), stage.backward))}
         self._stage_sets = [frozenset(layers) for layers in self.stage_layers]
         # the short path (`sim.fast`) stands for the inline window path only
-        self._hosts = fast.pinned_hosts(order) if self._inline and short_path else ()
+        self._hosts = fast.pinned_hosts(order, self._stage_sets) \
+            if self._inline and short_path else ()
 
     # -- set-up ------------------------------------------------------------------------------
     def _units(self, stage: int) -> list[tuple[int, Program]]:
@@ -209,18 +210,18 @@ class Simulator:
                 self._short(st, action, self._summaries[(action.kind, action.stage)])
                 return
             if action.kind == "B" and self._windowed(
-                    st, action, hosted.get((action.mb, action.stage), ())):
+                    st, action, hosted.get((action.mb, action.stage), fast.NOTHING_HOSTED)):
                 return
         if action.kind == "F":
             self._forward(st, action)
         else:
             self._backward(st, action)
 
-    def _windowed(self, st: RankState, action: Action, windows: tuple[Window, ...]) -> bool:
+    def _windowed(self, st: RankState, action: Action, hosted: fast.Hosted) -> bool:
         """A B hosting recompute in its windows, or whose micro-batch ran tasks early, as the
         summary of its walk with those tasks (`fast.windowed`); False: step by step."""
         stage, c = action.stage, self.costs
-        s = fast.windowed(st, action, windows, self._stage_sets[stage],
+        s = fast.windowed(st, action, hosted, self._stage_sets[stage],
                           self._stages[stage].windowed, lambda fills, before: (
                               fast.backward_summary(
                                   self._bwd[stage], c.tp_sync_ms, self._grad_buffer(stage),
@@ -229,7 +230,7 @@ class Simulator:
         if s is None:
             return False
         self._short(st, action, s)
-        fast.mark_run(st, action.mb, s, windows)
+        fast.mark_run(st, action.mb, s, hosted)
         return True
 
     def _short(self, st: RankState, action: Action, s: fast.Summary) -> None:

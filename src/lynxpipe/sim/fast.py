@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import add
 from typing import NamedTuple
 
 from lynxpipe.cost.table import CostTable, overlapped_collective
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
-from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, WINDOW_KINDS
 from lynxpipe.sim.details import Replay
 from lynxpipe.sim.program import Program, Task
 
@@ -271,88 +273,102 @@ class RankState:
 
 def apply(st: RankState, s: Summary, action: Action) -> Replay:
     """Add a summary to a simulated rank's state `st` (clock, counters, memory and peak), the
-    same float additions in the same order as the walk; returns the action's Replay."""
+    same float additions in the same order as the walk (a left fold of `operator.add`: one
+    IEEE addition per element, in order, not `sum`, which may compensate); returns the
+    action's Replay."""
     replay = Replay(action, st.rank, s, st.t, st.mem)
-    t, compute, comm, exposed = st.t, st.compute_ms, st.comm_exposed_ms, st.recompute_exposed_ms
+    st.t = reduce(add, s.clock_ms, st.t)
+    st.compute_ms = reduce(add, s.compute_ms, st.compute_ms)
+    st.comm_exposed_ms = reduce(add, s.comm_ms, st.comm_exposed_ms)
+    st.recompute_exposed_ms = reduce(add, s.recompute_ms, st.recompute_exposed_ms)
     if s.hidden_ms:
-        hidden = st.recompute_hidden_ms
-        for x in s.hidden_ms:
-            hidden += x
-        st.recompute_hidden_ms = hidden
-    for x in s.clock_ms:
-        t += x
-    for x in s.compute_ms:
-        compute += x
-    for x in s.comm_ms:
-        comm += x
-    for x in s.recompute_ms:
-        exposed += x
-    st.t, st.compute_ms, st.comm_exposed_ms, st.recompute_exposed_ms = t, compute, comm, exposed
+        st.recompute_hidden_ms = reduce(add, s.hidden_ms, st.recompute_hidden_ms)
     if s.high_bytes is not None and st.mem + s.high_bytes > st.peak:
         st.peak = st.mem + s.high_bytes
     st.mem += s.net_bytes
     return replay
 
 
-def windowed(st: RankState, action: Action, windows: tuple[Window, ...],
-             inside: frozenset[int], known: dict[tuple, Summary | None],
+class Hosted(NamedTuple):
+    """The recompute pinned to the windows of one backward, read off the order once."""
+
+    windows: tuple[Window, ...]
+    """The windows, in pin order."""
+    fills: tuple[tuple[tuple[int, int], tuple[Filled, ...]], ...] | None
+    """Per window: its (layer, step) and tasks, in pin order; None where the walk would read
+    beyond the stage (a task of another stage's layer) or the window is not a backward
+    collective's (the simulator then walks step by step)."""
+
+
+def windowed(st: RankState, action: Action, hosted: Hosted, inside: frozenset[int],
+             known: dict[tuple, Summary | None],
              build: Callable[[dict, frozenset], Summary | None]) -> Summary | None:
-    """The summary of B `action` with the tasks pinned to its `windows` and those its
-    micro-batch already ran, from `known` (a stage's table) or `build(hosted, done)`.
+    """The summary of B `action` with the tasks `hosted` in its windows and those its
+    micro-batch already ran, from `known` (a stage's table) or `build(fills, done)`.
 
     Kept per what the walk reads: the tasks in each window (micro-batch relative to the
-    action's) and the stage's tasks already run. None where the walk would raise, or would
-    read beyond the stage (`inside`: its layers): the simulator then walks step by step.
+    action's) and the stage's tasks already run (`inside`: the stage's layers). None where
+    the walk would raise or read beyond the stage: the simulator then walks step by step.
+    The tasks are those of the whole order; one pinned only after its window has passed is
+    left pinned either way, and the step is rejected for it at the end.
     """
-    mb, fills = action.mb, []
-    for w in windows:
-        pinned = st.pinned.get(w)
-        if pinned is None:
-            continue
-        if w.kind != BWD_COLL or w.recv or any(a.layer not in inside for a in pinned):
-            return None
-        fills.append(((w.layer, w.step), tuple((a.mb - mb, a.layer, a.segment)
-                                               for a in pinned)))
-    ran = st.done.get(mb)
-    before = frozenset(t for t in ran if t[0] in inside) if ran else frozenset()
-    key = (tuple(fills), before)
-    if key not in known:
-        known[key] = build(dict(fills), before)
-    s = known[key]
+    if hosted.fills is None:
+        return None
+    mb, ran = action.mb, st.done.get(action.mb)
+    key = (hosted.fills, frozenset(t for t in ran if t[0] in inside) if ran else frozenset())
+    s = known.get(key, _UNKNOWN)
+    if s is _UNKNOWN:
+        s = known[key] = build(dict(hosted.fills), key[1])
     if s is None or any(off and (layer, seg) in st.done.get(mb + off, ())
                         for off, layer, seg in s.filled):
         return None  # a later micro-batch's task already ran: the walk says so
     return s
 
 
-def mark_run(st: RankState, mb: int, s: Summary, windows: tuple[Window, ...]) -> None:
+_UNKNOWN = object()
+NOTHING_HOSTED = Hosted((), ())
+"""A backward whose windows host nothing (its micro-batch ran tasks early)."""
+
+
+def mark_run(st: RankState, mb: int, s: Summary, hosted: Hosted) -> None:
     """After B of `mb` ran as summary `s`: its windows are consumed, their tasks done."""
-    for w in windows:
+    for w in hosted.windows:
         st.pinned.pop(w, None)
     for off, layer, seg in s.filled:
         st.done.setdefault(mb + off, set()).add((layer, seg))
 
 
-def pinned_hosts(order: PipelineOrder) -> tuple[tuple[set[tuple[str, int, int]],
-                                                     dict[tuple[int, int], tuple[Window, ...]]],
-                                               ...]:
+_HOST_OF_KIND = {name: info.host for name, info in WINDOW_KINDS.items()}
+
+
+def pinned_hosts(order: PipelineOrder, stage_sets: list[frozenset[int]],
+                 ) -> tuple[tuple[set[tuple[str, int, int]], dict[tuple[int, int], Hosted]], ...]:
     """Per rank: the F/B actions (kind, mb, stage) that may not apply their stage's plain
     summary (those hosting a pinned window, and every B of a micro-batch with a task pinned
-    anywhere: its on-demand tasks may have run early), and per B (mb, stage) among them the
-    windows pinned to it, in pin order."""
+    anywhere: its on-demand tasks may have run early), and per B (mb, stage) among them what
+    is pinned to its windows (`stage_sets`: each stage's layers)."""
     out = []
     for actions in order.ranks:
         hosts: set[tuple[str, int, int]] = set()
         early: set[int] = set()
-        hosted: dict[tuple[int, int], dict[Window, None]] = {}
-        for action in actions:
-            if action.kind == "R" and action.window is not None:
-                host = action.window.host()  # None: on demand, nothing pinned
-                if host is not None:
-                    hosts.add(host)
-                    early.add(action.mb)
-                    if host[0] == "B":
-                        hosted.setdefault(host[1:], {})[action.window] = None
+        tasks: dict[tuple[int, int], dict[Window, list[Filled]]] = {}
+        for a in actions:
+            w = a.window
+            if a.kind != "R" or w is None:
+                continue
+            kind = _HOST_OF_KIND.get(w.kind)
+            host = w.host() if kind is None or kind == "RECV" else (
+                (kind, w.mb, w.stage) if kind else None)  # None: on demand, nothing pinned
+            if host is not None:
+                hosts.add(host)
+                early.add(a.mb)
+                if kind == "B":
+                    tasks.setdefault((w.mb, w.stage), {}).setdefault(w, []).append(
+                        (a.mb - w.mb, a.layer, a.segment))
         hosts.update(("B", mb, s) for mb in early for s in range(order.num_stages))
-        out.append((hosts, {key: tuple(ws) for key, ws in hosted.items()}))
+        out.append((hosts, {(mb, stage): Hosted(tuple(per), None if any(
+            w.kind != BWD_COLL or w.recv or any(t[1] not in stage_sets[stage] for t in ts)
+            for w, ts in per.items()) else tuple(((w.layer, w.step), tuple(ts))
+                                                 for w, ts in per.items()))
+                        for (mb, stage), per in tasks.items()}))
     return tuple(out)
