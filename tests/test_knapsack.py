@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lynxpipe.plan.knapsack import (
     INFEASIBLE,
     Replicated,
+    _counts,
     _frontier,
     _pair_argmin,
     _regen,
@@ -82,12 +83,9 @@ def _one_combination_at_a_time(sizes, options, cost, inflight, budget, credit):
                                      budget - fixed_mem)
         if obj == INFEASIBLE or (best is not None and obj + fixed_cost >= best[1]):
             continue
-        rows = [[0] * len(options) for _ in sizes]
-        for idx, n in zip(front, sub):
-            rows[big][idx] += n
-        for k, o in zip(small, combo):
-            rows[k][o] = sizes[k]
-        best, hold = (tuple(tuple(r) for r in rows), float(obj + fixed_cost)), (mem, fixed_mem)
+        best = (_counts(sizes, len(options), big, front, sub, small, combo),
+                float(obj + fixed_cost))
+        hold = (mem, fixed_mem)
     return best, hold
 
 

@@ -61,8 +61,13 @@ def _suffix_hulls(points: tuple[tuple[float, float], ...],
     """Per option j, the hull of options j+1.. as (kept bytes, ms) arrays; keyed by the
     options' (kept bytes, ms) alone, all a hull reads (the same options are asked about at
     many budgets: by the tightening loop and `least_budget`)."""
-    hulls = (_hull(points[j + 1:]) for j in range(len(points)))
-    return tuple((np.array([x for x, _ in h]), np.array([y for _, y in h])) for h in hulls)
+    return tuple(_hull_arrays(points[j + 1:]) for j in range(len(points)))
+
+
+def _hull_arrays(points: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """`_hull(points)` as (kept bytes, ms) arrays, the form `_least_ms` reads."""
+    hull = _hull(points)
+    return np.array([x for x, _ in hull]), np.array([y for _, y in hull])
 
 
 def _least_ms(hull: tuple[np.ndarray, np.ndarray], layers: np.ndarray, cap: np.ndarray,
@@ -295,9 +300,8 @@ def least_ms_bound(options: list[CountOption], period: Period, budget: int) -> f
     forward, _ = _rows(period, budget)
     if forward < 0:
         return INF
-    hull = _hull(tuple((float(o.kept_bytes), o.ms) for o in options))
-    xs, ys = np.array([x for x, _ in hull]), np.array([y for _, y in hull])
-    return float(_least_ms((xs, ys), np.array([num]), np.array([forward / n]))[0])
+    hull = _hull_arrays(tuple((float(o.kept_bytes), o.ms) for o in options))
+    return float(_least_ms(hull, np.array([num]), np.array([forward / n]))[0])
 
 
 def least_budget(options: list[CountOption], period: Period) -> int:

@@ -189,14 +189,23 @@ def _replicated(class_sizes: list[int], options: list[LayerOption], cost: np.nda
         fixed_cost = sum(cost[k, o] * class_sizes[k] for k, o in zip(small, combo))
         if obj == INFEASIBLE or (best is not None and obj + fixed_cost >= best.objective):
             continue
-        rows = [[0] * len(options) for _ in class_sizes]
-        for idx, n in zip(front, sub):
-            rows[big][idx] += n
-        for k, o in zip(small, combo):
-            rows[k][o] = class_sizes[k]
-        best = Choice(tuple(tuple(r) for r in rows), float(obj + fixed_cost), 0.0)
+        best = Choice(_counts(class_sizes, len(options), big, front, sub, small, combo),
+                      float(obj + fixed_cost), 0.0)
         hold = (mem, held)
     return best, hold
+
+
+def _counts(class_sizes: list[int], num_options: int, big: int, front: list[int],
+            sub: tuple[int, ...], small: list[int], combo: tuple[int, ...],
+            ) -> tuple[tuple[int, ...], ...]:
+    """Layers per class and option: the big class's mix `sub` over its frontier `front`,
+    every layer of small class `small[i]` on option `combo[i]`."""
+    rows = [[0] * num_options for _ in class_sizes]
+    for idx, n in zip(front, sub):
+        rows[big][idx] += n
+    for k, o in zip(small, combo):
+        rows[k][o] = class_sizes[k]
+    return tuple(tuple(r) for r in rows)
 
 
 def _frontier(kept: np.ndarray, cost: np.ndarray) -> list[int]:

@@ -78,10 +78,6 @@ class Simulator:
                                    self.extra_backward_ms[s]),
                            lambda s=s: self._stage(s)) for s in range(last + 1)]
         self._stages = stages
-        self._fwd = [stage.fwd for stage in stages]
-        self._bwd = [stage.bwd for stage in stages]
-        self._summaries = {key: summary for s, stage in enumerate(stages) for key, summary in
-                           ((("F", s), stage.forward), (("B", s), stage.backward))}
         self._stage_sets = [frozenset(layers) for layers in self.stage_layers]
         # the short path (`sim.fast`) stands for the inline window path only
         self._hosts = fast.pinned_hosts(order, self._stage_sets) \
@@ -99,6 +95,10 @@ class Simulator:
     def _stage(self, stage: int) -> fast.Stage:
         return fast.stage_steps(self.costs, self._units(stage), self._grad_buffer(stage),
                                 self.extra_backward_ms[stage])
+
+    def _tasks_of(self, layer: int) -> dict[int, Task]:
+        """The recompute tasks of a layer of the plan, by segment."""
+        return self.programs[layer].tasks
 
     def _grad_buffer(self, stage: int) -> int:
         """Bytes of the gradient buffer a backward of `stage` frees (none on the last)."""
@@ -207,7 +207,8 @@ class Simulator:
         if self._hosts:
             hosts, hosted = self._hosts[st.rank]
             if (action.kind, action.mb, action.stage) not in hosts:
-                self._short(st, action, self._summaries[(action.kind, action.stage)])
+                stage = self._stages[action.stage]
+                self._short(st, action, stage.forward if action.kind == "F" else stage.backward)
                 return
             if action.kind == "B" and self._windowed(
                     st, action, hosted.get((action.mb, action.stage), fast.NOTHING_HOSTED)):
@@ -220,13 +221,8 @@ class Simulator:
     def _windowed(self, st: RankState, action: Action, hosted: fast.Hosted) -> bool:
         """A B hosting recompute in its windows, or whose micro-batch ran tasks early, as the
         summary of its walk with those tasks (`fast.windowed`); False: step by step."""
-        stage, c = action.stage, self.costs
-        s = fast.windowed(st, action, hosted, self._stage_sets[stage],
-                          self._stages[stage].windowed, lambda fills, before: (
-                              fast.backward_summary(
-                                  self._bwd[stage], c.tp_sync_ms, self._grad_buffer(stage),
-                                  self.extra_backward_ms[stage], fills, before, c.contention,
-                                  lambda layer: self.programs[layer].tasks)))
+        s = fast.windowed(st, action, hosted, self._stage_sets[action.stage],
+                          self._stages[action.stage], self._tasks_of)
         if s is None:
             return False
         self._short(st, action, s)
@@ -245,7 +241,7 @@ class Simulator:
         mb, stage = action.mb, action.stage
         start = t = st.t
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
-        for layer, ms, nbytes, coll_ms, step in self._fwd[stage]:
+        for layer, ms, nbytes, coll_ms, step in self._stages[stage].fwd:
             t += ms
             compute += ms
             if nbytes:
@@ -269,7 +265,7 @@ class Simulator:
             st.recompute_exposed_ms += extra
         compute, mem, peak, timeline = st.compute_ms, st.mem, st.peak, st.timeline
         for layer, tasks, needs, ms, overlap_ms, overlap_wall_ms, wait_ms, coll_ms, nfree, step \
-                in self._bwd[stage]:
+                in self._stages[stage].bwd:
             if needs:
                 st.t, st.mem, st.peak = t, mem, peak
                 for seg in needs:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from lynxpipe.cost.table import CostTable, overlapped_collective
 from lynxpipe.schedule.actions import Action, PipelineOrder, Window
-from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, WINDOW_KINDS
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL
 from lynxpipe.sim.details import Replay
 from lynxpipe.sim.program import Program, Task
 
@@ -114,6 +114,9 @@ class Stage(NamedTuple):
     """A forward hosting no recompute."""
     backward: Summary
     """A backward hosting no recompute whose micro-batch ran no task early."""
+    walk: tuple[float, int, float, float]
+    """What its backward's walk reads besides the steps: (sync_ms, grad_buffer_bytes,
+    extra_ms, contention), the leading arguments of `backward_summary`."""
     windowed: dict[tuple, Summary | None]
     """Backwards with windows filled, per (tasks in each window, tasks already run); filled
     in as the simulator meets them (None: the walk would reject them)."""
@@ -130,8 +133,9 @@ def stage_steps(costs: CostTable, units: list[tuple[int, Program]], grad_buffer_
             *(overlapped_collective(s.overlap_ms, s.coll_ms, c) if s.coll_ms >= 0
               else (s.overlap_ms, 0.0)), s.coll_ms, s.free_bytes, s.step)
            for layer, prog in reversed(units) for s in prog.bwd]
+    walk = (costs.tp_sync_ms, grad_buffer_bytes, extra_ms, c)
     return Stage(fwd, bwd, forward_summary(fwd, costs.tp_sync_ms),
-                 backward_summary(bwd, costs.tp_sync_ms, grad_buffer_bytes, extra_ms), {})
+                 backward_summary(bwd, *walk), walk, {})
 
 
 def forward_summary(entries: list, sync_ms: float) -> Summary:
@@ -151,10 +155,10 @@ def forward_summary(entries: list, sync_ms: float) -> Summary:
 
 
 def backward_summary(entries: list, sync_ms: float, grad_buffer_bytes: int,
-                     extra_ms: float = 0.0, hosted: dict[tuple[int, int], tuple[Filled, ...]]
-                     | None = None, done: frozenset[tuple[int, int]] = frozenset(),
-                     contention: float = 1.0, tasks_of: Callable[[int], dict] | None = None,
-                     ) -> Summary | None:
+                     extra_ms: float = 0.0, contention: float = 1.0,
+                     hosted: dict[tuple[int, int], tuple[Filled, ...]] | None = None,
+                     done: frozenset[tuple[int, int]] = frozenset(),
+                     tasks_of: Callable[[int], dict] | None = None) -> Summary | None:
     """The additions `Simulator._backward` makes over a stage's backward entries: `extra_ms`
     of on-demand recompute first (if any), each window filled with the tasks `hosted` there
     (by (layer, step), in pin order; `tasks_of(layer)` gives a layer's tasks), every needed
@@ -300,11 +304,14 @@ class Hosted(NamedTuple):
     collective's (the simulator then walks step by step)."""
 
 
+_UNKNOWN = object()
+
+
 def windowed(st: RankState, action: Action, hosted: Hosted, inside: frozenset[int],
-             known: dict[tuple, Summary | None],
-             build: Callable[[dict, frozenset], Summary | None]) -> Summary | None:
+             stage: Stage, tasks_of: Callable[[int], dict]) -> Summary | None:
     """The summary of B `action` with the tasks `hosted` in its windows and those its
-    micro-batch already ran, from `known` (a stage's table) or `build(fills, done)`.
+    micro-batch already ran, from `stage`'s table or walked now (`tasks_of(layer)`: a layer's
+    tasks).
 
     Kept per what the walk reads: the tasks in each window (micro-batch relative to the
     action's) and the stage's tasks already run (`inside`: the stage's layers). None where
@@ -316,18 +323,14 @@ def windowed(st: RankState, action: Action, hosted: Hosted, inside: frozenset[in
         return None
     mb, ran = action.mb, st.done.get(action.mb)
     key = (hosted.fills, frozenset(t for t in ran if t[0] in inside) if ran else frozenset())
-    s = known.get(key, _UNKNOWN)
+    s = stage.windowed.get(key, _UNKNOWN)
     if s is _UNKNOWN:
-        s = known[key] = build(dict(hosted.fills), key[1])
+        s = stage.windowed[key] = backward_summary(stage.bwd, *stage.walk, dict(hosted.fills),
+                                                   key[1], tasks_of)
     if s is None or any(off and (layer, seg) in st.done.get(mb + off, ())
                         for off, layer, seg in s.filled):
         return None  # a later micro-batch's task already ran: the walk says so
     return s
-
-
-_UNKNOWN = object()
-NOTHING_HOSTED = Hosted((), ())
-"""A backward whose windows host nothing (its micro-batch ran tasks early)."""
 
 
 def mark_run(st: RankState, mb: int, s: Summary, hosted: Hosted) -> None:
@@ -336,9 +339,6 @@ def mark_run(st: RankState, mb: int, s: Summary, hosted: Hosted) -> None:
         st.pinned.pop(w, None)
     for off, layer, seg in s.filled:
         st.done.setdefault(mb + off, set()).add((layer, seg))
-
-
-_HOST_OF_KIND = {name: info.host for name, info in WINDOW_KINDS.items()}
 
 
 def pinned_hosts(order: PipelineOrder, stage_sets: list[frozenset[int]],
@@ -353,22 +353,29 @@ def pinned_hosts(order: PipelineOrder, stage_sets: list[frozenset[int]],
         early: set[int] = set()
         tasks: dict[tuple[int, int], dict[Window, list[Filled]]] = {}
         for a in actions:
-            w = a.window
-            if a.kind != "R" or w is None:
+            host = a.window.host() if a.kind == "R" and a.window is not None else None
+            if host is None:  # not an R, or on demand: nothing pinned
                 continue
-            kind = _HOST_OF_KIND.get(w.kind)
-            host = w.host() if kind is None or kind == "RECV" else (
-                (kind, w.mb, w.stage) if kind else None)  # None: on demand, nothing pinned
-            if host is not None:
-                hosts.add(host)
-                early.add(a.mb)
-                if kind == "B":
-                    tasks.setdefault((w.mb, w.stage), {}).setdefault(w, []).append(
-                        (a.mb - w.mb, a.layer, a.segment))
+            hosts.add(host)
+            early.add(a.mb)
+            if host[0] == "B":
+                tasks.setdefault(host[1:], {}).setdefault(a.window, []).append(
+                    (a.mb - host[1], a.layer, a.segment))
         hosts.update(("B", mb, s) for mb in early for s in range(order.num_stages))
-        out.append((hosts, {(mb, stage): Hosted(tuple(per), None if any(
-            w.kind != BWD_COLL or w.recv or any(t[1] not in stage_sets[stage] for t in ts)
-            for w, ts in per.items()) else tuple(((w.layer, w.step), tuple(ts))
-                                                 for w, ts in per.items()))
-                        for (mb, stage), per in tasks.items()}))
+        out.append((hosts, {(mb, stage): _hosted(per, stage_sets[stage])
+                            for (mb, stage), per in tasks.items()}))
     return tuple(out)
+
+
+def _hosted(per: dict[Window, list[Filled]], inside: frozenset[int]) -> Hosted:
+    """What is pinned to one backward's windows (`per`: window -> its tasks), with the fills
+    the walk reads unless a task belongs to another stage or a window is not a backward
+    collective's."""
+    walkable = all(w.kind == BWD_COLL and not w.recv and all(t[1] in inside for t in ts)
+                   for w, ts in per.items())
+    return Hosted(tuple(per), tuple(((w.layer, w.step), tuple(ts)) for w, ts in per.items())
+                  if walkable else None)
+
+
+NOTHING_HOSTED = Hosted((), ())
+"""A backward whose windows host nothing (its micro-batch ran tasks early)."""

@@ -11,7 +11,7 @@ import numpy as np
 from lynxpipe.schedule.actions import Window
 from lynxpipe.schedule.windows import WINDOW_KINDS
 
-if TYPE_CHECKING:  # sim.fast builds on this module
+if TYPE_CHECKING:  # sim.details builds on this module
     from lynxpipe.sim.details import Details
 
 
