@@ -78,6 +78,12 @@ def test_synthetic_timings_fit_and_split():
     assert table.contention == 0.7 and table.optimizer_ms_per_param == 2e-6
     assert table.tp_sync_ms == 1.5  # the sync probe's in-loop wait per TP collective
     assert table.bytes_per_param == 16.0  # fp32 weights, grads and two Adam moments
+    assert table.recv_ahead and not base.recv_ahead  # gloo posts receives one RECV ahead
+    nccl = replace(_synthetic(base), comm=replace(_synthetic(base).comm, backend="nccl"))
+    assert not assemble(base, nccl, model, par).recv_ahead
+    no_comm = replace(_synthetic(base), comm=None)
+    assert assemble(base, no_comm, model, par).recv_ahead  # CPU ranks talk through gloo
+    assert not assemble(base, replace(no_comm, device="cuda"), model, par).recv_ahead
     # forward as measured; backward shares rescaled to the whole-layer total; a GEMM's
     # backward split into dgrad/wgrad as the analytic model splits it
     assert table.layer.fwd_ms() == pytest.approx(len(table.layer.op_ms))

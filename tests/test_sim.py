@@ -331,3 +331,37 @@ def test_backward_windows_summarised_as_walked_and_rejected_alike(bad):
     assert (a.step_time_ms, a.ranks, a.memory_timeline, a.windows) == \
         (b.step_time_ms, b.ranks, b.memory_timeline, b.windows)
     assert a.ranks[0].recompute_hidden_ms > 0
+
+
+@pytest.mark.parametrize("pp", [1, 2, 4])
+def test_a_receive_posted_ahead_is_static_memory_the_planners_respect(pp):
+    """With receives posted one RECV ahead (gloo), every pipeline rank holds one boundary
+    buffer more through the step: static memory up by exactly that, activations unchanged;
+    the planners keep the whole peak under the budget; one stage receives nothing."""
+    from dataclasses import replace
+
+    from lynxpipe.cost.table import analytic_costs
+    from lynxpipe.plan.planners import make
+    from lynxpipe.plan.types import PlanRequest
+    from lynxpipe.specs import ParallelSpec, get_cluster, get_model
+
+    model, clus = get_model("gpt-1.3b"), get_cluster("a100-pcie")
+    par = ParallelSpec(tp=2, pp=pp, num_microbatches=4, micro_batch_size=1, seq_len=1024)
+    late = analytic_costs(model, clus, par)
+    ahead = replace(late, recv_ahead=True)
+    partition = (model.num_layers // pp,) * pp
+    keep = (KEEP_ALL,) * model.num_layers
+    order = make_order("1f1b", pp, 1, 4)
+    a, b = simulate(late, partition, keep, order), simulate(ahead, partition, keep, order)
+    extra = late.grad_buffer_bytes if pp > 1 else 0
+    assert extra > 0 or pp == 1
+    assert [r.static_bytes - s.static_bytes for r, s in zip(b.ranks, a.ranks)] == [extra] * pp
+    assert [r.peak_activation_bytes for r in b.ranks] == [r.peak_activation_bytes
+                                                          for r in a.ranks]
+    budget = a.ranks[0].static_bytes + a.ranks[0].peak_activation_bytes // 2
+    req = PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=budget,
+                      costs=ahead, time_limit_s=10)
+    for policy in ("checkmate", "lynx-heu"):
+        plan = make(policy, req)
+        assert plan.recv_ahead and plan.predicted.fits_budget
+        assert max(plan.predicted.peak_memory_bytes) <= budget

@@ -139,6 +139,8 @@ def resimulate(plan: Plan, costs: CostTable, trace: bool = True) -> tuple[Plan, 
         raise LynxError(f"the plan was made from {plan.cost_source} costs but these are "
                         f"{costs.source}: a traced block's plan names its tensors, so give its "
                         f"profile.json with --profile")
+    # how the runtime posts receives is the plan's decision, whatever profile times it
+    costs = dataclasses.replace(costs, recv_ahead=plan.recv_ahead)
     sim = simulate(costs, plan.partition, plan.layers, plan.order, trace=trace)
     pred = predict(request_for_plan(plan, costs), sim)
     return dataclasses.replace(plan, predicted=pred, cost_source=costs.source), sim

@@ -22,8 +22,10 @@ def rank_params(costs: CostTable, partition: tuple[int, ...], pp: int, rank: int
 
 
 def static_bytes(costs: CostTable, partition: tuple[int, ...], pp: int, rank: int) -> int:
-    """Weights, gradients and optimizer state of a rank."""
-    return int(rank_params(costs, partition, pp, rank) * costs.bytes_per_param)
+    """Weights, gradients and optimizer state of a rank, and the receive buffer it posts ahead
+    (`CostTable.recv_ahead`; with one stage nothing is received)."""
+    ahead = costs.grad_buffer_bytes if costs.recv_ahead and pp > 1 else 0
+    return int(rank_params(costs, partition, pp, rank) * costs.bytes_per_param) + ahead
 
 
 @dataclass(frozen=True)

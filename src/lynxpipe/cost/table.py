@@ -114,6 +114,13 @@ class CostTable:
     """What each TP collective costs in a loop beyond its compute and its own time: the wait
     for the TP rank that reached it last (measured by `profile.comm.sync_probe`; 0 for the
     analytic model, where ranks are taken to run in lockstep)."""
+    recv_ahead: bool = False
+    """Each pipeline receive is posted one RECV ahead (the first at the step's start), so its
+    message moves while the rank computes: gloo moves a message only once its `irecv` is posted
+    (`benchmarks/gloo_p2p_probe.py`). The buffer posted ahead is one boundary tensor
+    (`grad_buffer_bytes`) every pipeline rank holds through the step, counted in its static
+    memory. Set by measured profiles whose messages went through gloo; NCCL pairs each send
+    with the receive after it instead."""
 
     def label(self, cluster: str) -> str:
         """Where the times come from, for titles: `measured profile, cpu` or `analytic,

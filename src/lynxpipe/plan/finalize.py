@@ -63,5 +63,6 @@ def make_plan(req: PlanRequest, policy: str, partition: tuple[int, ...],
         fingerprint=plan_fingerprint(req.model, req.cluster, req.parallel, req.budget_bytes),
         cost_source=req.costs.source, partition=partition, layers=layers, order=order,
         predicted=predict(req, sim), planner_ms=planner_ms, mip_gap=mip_gap, notes=notes,
+        recv_ahead=req.costs.recv_ahead,
     )
     return plan, sim

@@ -109,6 +109,9 @@ class Plan:
     """Which candidate won when the planner returns the fastest of several (lynx-opt: MILP,
     lynx-heu, checkmate or full; lynx-heu: its own keep sets or checkmate's, refined into
     windows); empty for planners with one path."""
+    recv_ahead: bool = False
+    """The runtime posts each pipeline receive one RECV ahead, and the plan's static memory
+    counts that buffer (from `CostTable.recv_ahead`; old plans, and analytic costs: no)."""
 
 
 @functools.lru_cache(maxsize=64)

@@ -84,8 +84,12 @@ def assemble(base: CostTable, m: Measurement, model: ModelSpec, par: ParallelSpe
     if model.dtype_bytes == 4:
         bytes_per_param = 8.0 + 8.0 / (par.dp if par.distributed_optimizer else 1)
     sync_ms = m.comm.sync_ms if m.comm is not None and m.comm.sync_ms is not None else 0.0
+    # the runtime takes gloo unless every rank has a GPU (profile.comm._devices does the same)
+    backend = m.comm.backend if m.comm is not None else (
+        "nccl" if m.device.startswith("cuda") else "gloo")
     return replace(table, optimizer_ms_per_param=m.ops.optimizer_ms_per_param,
-                   bytes_per_param=bytes_per_param, device=m.device, tp_sync_ms=sync_ms)
+                   bytes_per_param=bytes_per_param, device=m.device, tp_sync_ms=sync_ms,
+                   recv_ahead=backend == "gloo")
 
 
 def median_ops(runs: list[OpSamples]) -> OpSamples:

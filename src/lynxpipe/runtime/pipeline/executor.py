@@ -1,14 +1,20 @@
 """The pipeline executor (SPEC §7): interprets one rank's action list of a Plan.
 
 One rank, one step: F/B run its model chunks under the recompute engine; RECV posts an ordered
-`irecv`, runs the engine's tasks pinned to that `Window(RECV, ...)` while the message is in
-flight, then waits (the wait is timed: it is the idle the planner filled); SEND posts an
+`irecv` (or finds it posted: see below), runs the engine's tasks pinned to that
+`Window(RECV, ...)` while the message is in flight, then waits (the wait is timed: it is the idle the planner filled); SEND posts an
 `isend` and keeps the handle until the step ends (the buffer is never reused before that);
 R actions were handed to the engine up front, which runs them in their window or, for
 `on_demand`, when backward first needs the tensors. After the last action: SP gradient sum over
 TP, DP gradient all-reduce, AdamW step. Messages are tagged by (micro-batch, receiving stage,
 direction), so gloo matches them whatever the posting order; NCCL ignores tags, so there the
 plan's per-pair orders must agree (checked up front).
+
+gloo moves a message only once its receive is posted (`benchmarks/gloo_p2p_probe.py`): a
+receive posted at its RECV waits the whole transfer even when the send left long before. With
+`plan.recv_ahead` (measured gloo profiles), each RECV posts the next one's `irecv` before it
+waits, the first at the step's start, so a message moves while the rank computes; the planner
+counts that one buffer in static memory. NCCL posts a SEND with the RECV after it instead.
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class StepResult:
     """Recompute counters and activation peak of the step."""
     cuda_peak_bytes: int | None
     """torch.cuda.max_memory_allocated during the step (None on CPU)."""
+    posted_ahead: int = 0
+    """Receives posted before their RECV action (one RECV ahead, or paired with a SEND)."""
 
 
 class _Clock:
@@ -120,8 +128,13 @@ class PipelineExecutor:
         self.shape = boundary_shape(plan)
         self.dtype = next(iter(self.chunks.values())).cfg.dtype
         self.pairs: dict[int, int] = {}
+        # RECV index -> the next RECV's index, posted when the first runs (-1: the step start)
+        self.ahead: dict[int, int] = {}
         if groups.pp is not None and dist.get_backend(groups.pp) != "gloo":
             self._prepare_ordered_p2p()
+        elif groups.pp is not None and plan.recv_ahead:
+            recvs = [i for i, a in enumerate(self.actions) if a.kind.startswith("RECV")]
+            self.ahead = dict(zip([-1, *recvs], recvs))
         for chunk in self.chunks.values():
             engine.register_params(chunk.parameters())
         self._reset()
@@ -136,6 +149,7 @@ class PipelineExecutor:
         self.preposted: dict[int, tuple[Tensor, Any]] = {}
         self.losses: dict[int, Tensor] = {}
         self.recv_wait_ms = 0.0
+        self.posted_ahead = 0
 
     # --- one step --------------------------------------------------------------------------
     def run_step(self, step: int, batches: Sequence[Batch]) -> StepResult:
@@ -147,6 +161,7 @@ class PipelineExecutor:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         clock, timings = _Clock(), []
+        self._post_ahead(-1)
         for idx, action in enumerate(self.actions):
             if self.on_action is not None:
                 self.on_action(idx, action)
@@ -171,7 +186,8 @@ class PipelineExecutor:
         losses = tuple(float(self.losses[mb]) for mb in sorted(self.losses))
         return StepResult(step, losses, clock.ms(), pipeline_ms, sync_ms - pipeline_ms,
                           clock.ms() - sync_ms, self.recv_wait_ms, pipeline_ms - send_start,
-                          _attribute(timings, stats, self.actions), stats, cuda_peak)
+                          _attribute(timings, stats, self.actions), stats, cuda_peak,
+                          self.posted_ahead)
 
     def _do(self, step: int, idx: int, a: Action, batches: Sequence[Batch]
             ) -> tuple[float, float]:
@@ -243,6 +259,7 @@ class PipelineExecutor:
             work = dist.irecv(buf, src=src, group=self.groups.pp, tag=tag)
         else:
             (buf, work), src = pre, self._recv_spec(a)[1]
+        self._post_ahead(idx)
         key = (a.mb, a.stage)
         # receive buffers are activation memory the planner counts (the stage input is the
         # first layer's `x`); the meter counts each storage once however often it is held
@@ -260,6 +277,14 @@ class PipelineExecutor:
         (self.inputs if a.kind == "RECV_F" else self.recv_b)[key] = buf
         return wait_ms, (t1 - t0) * 1e3
 
+    def _post_ahead(self, idx: int) -> None:
+        """Post the receive that follows RECV `idx` (-1: the step's first), if posting ahead."""
+        j = self.ahead.get(idx)
+        if j is not None:
+            buf, src, tag = self._recv_spec(self.actions[j])
+            self.preposted[j] = (buf, dist.irecv(buf, src=src, group=self.groups.pp, tag=tag))
+            self.posted_ahead += 1
+
     def _send(self, idx: int, a: Action) -> None:
         t, dest, tag = self._send_spec(a)
         j = self.pairs.get(idx)
@@ -271,6 +296,7 @@ class PipelineExecutor:
                 dist.P2POp(dist.isend, t, dest, self.groups.pp, tag),
                 dist.P2POp(dist.irecv, buf, src, self.groups.pp, rtag)])
             self.preposted[j] = (buf, rwork)
+            self.posted_ahead += 1
         self.sends.append((work, t))
 
     def _prepare_ordered_p2p(self) -> None:
