@@ -361,7 +361,14 @@ def test_a_receive_posted_ahead_is_static_memory_the_planners_respect(pp):
     budget = a.ranks[0].static_bytes + a.ranks[0].peak_activation_bytes // 2
     req = PlanRequest(model=model, cluster=clus, parallel=par, budget_bytes=budget,
                       costs=ahead, time_limit_s=10)
+    from lynxpipe.report.summary import plan_summary_text
+    from lynxpipe.units import format_size
+
+    said = f"posted one RECV ahead (gloo moves a message only once it is posted): " \
+        f"{format_size(late.grad_buffer_bytes)} of static memory per rank"
     for policy in ("checkmate", "lynx-heu"):
         plan = make(policy, req)
         assert plan.recv_ahead and plan.predicted.fits_budget
         assert max(plan.predicted.peak_memory_bytes) <= budget
+        assert (said in plan_summary_text(plan)) == (pp > 1)
+    assert "RECV ahead" not in plan_summary_text(make("checkmate", replace(req, costs=late)))

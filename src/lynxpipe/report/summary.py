@@ -84,6 +84,12 @@ def _prediction_lines(plan: Plan) -> list[str]:
         f"recompute exposed {format_ms(p.recompute_exposed_ms)} ms, hidden "
         f"{format_ms(p.recompute_hidden_ms)} ms (slowest rank)",
     ]
+    if plan.recv_ahead and plan.parallel.pp > 1:
+        par = plan.parallel
+        rows = par.seq_len // par.tp if par.sequence_parallel else par.seq_len
+        ahead = rows * par.micro_batch_size * plan.model.hidden_size * plan.model.dtype_bytes
+        lines.append(f"each pipeline receive is posted one RECV ahead (gloo moves a message "
+                     f"only once it is posted): {format_size(ahead)} of static memory per rank")
     gap = f", MIP gap {plan.mip_gap:.2%}" if plan.mip_gap is not None else ""
     won = f"; chosen from {plan.chosen_from}" if plan.chosen_from else ""
     lines.append(f"planner time {plan.planner_ms:,.1f} ms{gap}{won}; costs: {plan.cost_source}")
