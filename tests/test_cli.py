@@ -180,3 +180,26 @@ def test_attention_flag_switches_the_graph(tmp_path: Path) -> None:
     explicit = json.loads(invoke(*args, "--attention", "explicit").stdout)
     # explicit attention keeps the s x s probabilities: more memory at the same layout
     assert max(explicit["peak_activation_bytes"]) > max(fused["peak_activation_bytes"])
+
+
+def test_train_says_when_receives_are_posted_late_on_gloo() -> None:
+    import dataclasses
+
+    from lynxpipe.cli.train import late_receive_note
+    from lynxpipe.cost.table import analytic_costs
+    from lynxpipe.plan.planners import make
+    from lynxpipe.plan.types import PlanRequest
+    from lynxpipe.specs import ParallelSpec, get_cluster, get_model
+
+    model, clus = get_model("gpt-tiny"), get_cluster("a100-pcie")
+    plans = {}
+    for pp in (1, 2):
+        par = ParallelSpec(tp=1, pp=pp, micro_batch_size=1, num_microbatches=2, seq_len=64)
+        plans[pp] = make("none", PlanRequest(model=model, cluster=clus, parallel=par,
+                                             budget_bytes=1 << 40,
+                                             costs=analytic_costs(model, clus, par)))
+    note = late_receive_note(plans[2], "cpu")
+    assert note is not None and "analytic costs" in note and "profile --measure" in note
+    assert late_receive_note(plans[2], "cuda") is None  # NCCL pairs sends and receives
+    assert late_receive_note(plans[1], "cpu") is None  # nothing is received
+    assert late_receive_note(dataclasses.replace(plans[2], recv_ahead=True), "cpu") is None

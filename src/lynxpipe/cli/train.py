@@ -107,6 +107,9 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
         for note in preflight.check_resume(checkpoint_dir, plan, steps, run, allow_changes):
             if not torchrun or os.environ.get("RANK") == "0":
                 typer.echo(note, err=True)
+    note = late_receive_note(plan, device)
+    if note and not quiet and (not torchrun or os.environ.get("RANK") == "0"):
+        typer.echo(note, err=True)
     job = TrainJob(plan=plan, steps=steps, seed=seed, data=data, lr=lr,
                    checkpoint_dir=str(checkpoint_dir or ""), checkpoint_every=checkpoint_every,
                    resume=resume, out=str(out), timeout_s=timeout, device=device,
@@ -188,3 +191,15 @@ def resume_command(ctx: typer.Context) -> str:
         else:
             words += [param.opts[0], shlex.quote(str(value))]
     return " ".join([*words, "--resume"])
+
+
+def late_receive_note(plan: Plan, device: str) -> str | None:
+    """On gloo, a pipeline plan that does not post its receives ahead (made from analytic
+    costs, for NCCL) leaves each message to move only while its receiver waits: say so, and
+    how to get a plan that posts them ahead (None where nothing is lost)."""
+    if device != "cpu" or plan.parallel.pp == 1 or plan.recv_ahead:
+        return None
+    return (f"note: this plan comes from {plan.cost_source} costs, so the ranks post each "
+            "pipeline receive at its RECV, and gloo moves a message only once its receive is "
+            "posted; a plan made with a profile from `lynxpipe profile --measure` (gloo) posts "
+            "them one RECV ahead and counts that buffer in its memory")
