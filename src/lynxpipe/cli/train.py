@@ -109,7 +109,7 @@ def train_command(ctx: typer.Context, spec: SpecArgs, policy: PolicyOpt = None,
                 typer.echo(note, err=True)
     note = late_receive_note(plan, device)
     if note and not quiet and (not torchrun or os.environ.get("RANK") == "0"):
-        typer.echo(note, err=True)
+        typer.echo(note)  # stdout, with the progress: stderr holds only an error's one line
     job = TrainJob(plan=plan, steps=steps, seed=seed, data=data, lr=lr,
                    checkpoint_dir=str(checkpoint_dir or ""), checkpoint_every=checkpoint_every,
                    resume=resume, out=str(out), timeout_s=timeout, device=device,
