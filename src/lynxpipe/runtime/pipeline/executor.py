@@ -2,8 +2,9 @@
 
 One rank, one step: F/B run its model chunks under the recompute engine; RECV posts an ordered
 `irecv` (or finds it posted: see below), runs the engine's tasks pinned to that
-`Window(RECV, ...)` while the message is in flight, then waits (the wait is timed: it is the idle the planner filled); SEND posts an
-`isend` and keeps the handle until the step ends (the buffer is never reused before that);
+`Window(RECV, ...)` while the message is in flight, then waits (the wait is timed: it is the
+idle the planner filled); SEND posts an `isend` and keeps the handle until the step ends (the
+buffer is never reused before that);
 R actions were handed to the engine up front, which runs them in their window or, for
 `on_demand`, when backward first needs the tensors. After the last action: SP gradient sum over
 TP, DP gradient all-reduce, AdamW step. Messages are tagged by (micro-batch, receiving stage,
