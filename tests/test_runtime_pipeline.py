@@ -28,7 +28,7 @@ import pytest
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
-from lynxpipe.cost.table import analytic_costs
+from lynxpipe.cost.table import analytic_costs, boundary_bytes
 from lynxpipe.plan.planners import PLANNERS, make
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.specs import ParallelSpec, get_cluster
@@ -96,10 +96,7 @@ def slack_bytes(plan: Plan, pp_rank: int) -> int:
     """What the meter counts and the planner does not: the stage input, which the executor
     holds until its backward ends while the planner frees it at its last use (the RECV_B
     gradient buffer is in the planner's model)."""
-    par = plan.parallel
-    rows = par.seq_len // par.tp if par.sequence_parallel else par.seq_len
-    boundary = rows * par.micro_batch_size * plan.model.hidden_size * plan.model.dtype_bytes
-    return boundary if par.pp > 1 else 0
+    return boundary_bytes(plan.model, plan.parallel) if plan.parallel.pp > 1 else 0
 
 
 def _check(plan: Plan, step: int, res, pp_rank: int) -> list[str]:  # type: ignore[no-untyped-def]

@@ -206,9 +206,14 @@ def analytic_costs(model: ModelSpec, cluster: ClusterSpec, par: ParallelSpec) ->
         embed_params=model.vocab_size * model.hidden_size // par.tp,
         bytes_per_param=2.0 + 4.0 + opt_state,
         contention=cluster.contention,
-        grad_buffer_bytes=(model.dtype_bytes * par.seq_len * par.micro_batch_size
-                           * model.hidden_size // (par.tp if par.sequence_parallel else 1)),
+        grad_buffer_bytes=boundary_bytes(model, par),
     )
+
+
+def boundary_bytes(model: ModelSpec, par: ParallelSpec) -> int:
+    """Bytes of one micro-batch's activation (or its gradient) crossing pipeline stages on one
+    rank: a receive buffer."""
+    return model.dtype_bytes * par.boundary_rows * par.micro_batch_size * model.hidden_size
 
 
 def save_profile(path: str | Path, table: CostTable) -> Path:

@@ -224,7 +224,7 @@ def time_ops(cfg: BuildConfig, job: ProfileJob, progress: Progress) -> OpSamples
     stage = Stage(cfg, range(1), embed=True, head=True)
     assert stage.embed is not None and stage.head is not None
     par, h = cfg.par, cfg.model.hidden_size
-    rows = par.seq_len // par.tp if par.sequence_parallel else par.seq_len
+    rows = par.boundary_rows
     gen = torch.Generator().manual_seed(job.seed)
     x = (torch.randn(rows, par.micro_batch_size, h, generator=gen)).to(**cfg.factory())
     ids = torch.randint(0, cfg.model.vocab_size, (par.micro_batch_size, par.seq_len),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from lynxpipe.cost.table import boundary_bytes
 from lynxpipe.plan.types import Plan
 from lynxpipe.report.tables import per_stage, setup_line
 from lynxpipe.schedule.policy import LayerPolicy, stage_layers
@@ -85,9 +86,7 @@ def _prediction_lines(plan: Plan) -> list[str]:
         f"{format_ms(p.recompute_hidden_ms)} ms (slowest rank)",
     ]
     if plan.recv_ahead and plan.parallel.pp > 1:
-        par = plan.parallel
-        rows = par.seq_len // par.tp if par.sequence_parallel else par.seq_len
-        ahead = rows * par.micro_batch_size * plan.model.hidden_size * plan.model.dtype_bytes
+        ahead = boundary_bytes(plan.model, plan.parallel)
         lines.append(f"each pipeline receive is posted one RECV ahead (gloo moves a message "
                      f"only once it is posted): {format_size(ahead)} of static memory per rank")
     gap = f", MIP gap {plan.mip_gap:.2%}" if plan.mip_gap is not None else ""

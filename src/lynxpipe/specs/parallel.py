@@ -78,6 +78,12 @@ class ParallelSpec:
         return self.tp * self.pp * self.dp
 
     @property
+    def boundary_rows(self) -> int:
+        """Sequence rows of one rank's share of a tensor crossing pipeline stages (s, or s/t
+        with sequence parallelism)."""
+        return self.seq_len // self.tp if self.sequence_parallel else self.seq_len
+
+    @property
     def num_chunks(self) -> int:
         """Pipeline model chunks in all (pp * virtual_stages)."""
         return self.pp * self.virtual_stages

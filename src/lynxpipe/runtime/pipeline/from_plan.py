@@ -75,8 +75,7 @@ def engine_for(plan: Plan, pp_rank: int, *, sync_cuda: bool = False) -> Recomput
 def boundary_shape(plan: Plan) -> tuple[int, int, int]:
     """Shape of activations and gradients crossing stages: [s, b, h] ([s/t, b, h] with SP)."""
     par = plan.parallel
-    rows = par.seq_len // par.tp if par.sequence_parallel else par.seq_len
-    return rows, par.micro_batch_size, plan.model.hidden_size
+    return par.boundary_rows, par.micro_batch_size, plan.model.hidden_size
 
 
 def p2p_tag(mb: int, recv_stage: int, direction: str, num_stages: int) -> int:
