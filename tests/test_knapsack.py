@@ -18,6 +18,8 @@ from lynxpipe.plan.knapsack import (
     _pair_argmin,
     _regen,
     _replicated,
+    pair_knapsack,
+    pair_knapsacks,
     replicated_choice,
 )
 from lynxpipe.plan.options import LayerOption
@@ -111,3 +113,20 @@ def test_combinations_searched_together_equal_one_at_a_time(block, opts, data, b
     ref, ref_hold = _one_combination_at_a_time(sizes, options, cost, 2.0, budget, credit)
     assert (found.counts, found.objective) == ref if ref else found is None
     assert hold == ref_hold
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(small, small, small), min_size=1, max_size=6),
+       st.integers(1, 6), st.integers(0, 7), st.sampled_from([1.0, 2.0, 3.0]),
+       st.lists(st.sampled_from([0.0, 6.0, 14.0, 40.0, 90.0]), min_size=8, max_size=8))
+def test_counts_searched_together_equal_one_at_a_time(opts, first, extra, inflight, budgets):
+    """The partitioner asks a stage's exposed recompute for a block of layer counts in one
+    array operation: each count's least cost must be the one-count search's, infeasible
+    included (mixes beyond a count are masked, not searched)."""
+    kept, regen, cost = (np.array(col) for col in zip(*opts))
+    counts = range(first, first + extra + 1)
+    block = pair_knapsacks(kept, regen, cost, counts, inflight, budgets[:len(counts)])
+    assert block == [pair_knapsack(kept, regen, cost, n, inflight, b)
+                     for n, b in zip(counts, budgets)]
+    assert block == [_every_pair(kept, regen, cost, n, inflight, b)[0]
+                     for n, b in zip(counts, budgets)]

@@ -7,6 +7,7 @@ Solved with HiGHS through `scipy.optimize.milp`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -86,6 +87,23 @@ def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: 
     return _pair_argmin(kept, regen, cost, count, inflight, budget)[0]
 
 
+def pair_knapsacks(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray,
+                   counts: range, inflight: float, budgets: list[float]) -> list[float]:
+    """`pair_knapsack` for each count of `counts` with the matching budget, in one array
+    operation: the partitioner asks a stage for one layer count after another. The same
+    element-wise operations as one count at a time (mixes n > count masked out), so the same
+    least costs."""
+    ii, jj = _upper_pairs(len(kept))
+    c = np.array(counts)[:, None, None]
+    k = np.arange(counts[-1] + 1)[None, None, :]
+    kept_mem = inflight * (k * kept[ii][None, :, None] + (c - k) * kept[jj][None, :, None])
+    time_ms = k * cost[ii][None, :, None] + (c - k) * cost[jj][None, :, None]
+    mem = kept_mem + np.maximum(regen[ii], regen[jj])[None, :, None]
+    fits = (mem <= np.array(budgets, dtype=float)[:, None, None]) & (k <= c)
+    best = np.where(fits, time_ms, np.inf).reshape(len(counts), -1).min(axis=1)
+    return [INFEASIBLE if b == np.inf else float(b) for b in best.tolist()]
+
+
 def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
                  inflight: float, budget: float) -> tuple[float, tuple[int, ...], float]:
     """Like pair_knapsack, returning the counts per option and their memory too: the first
@@ -102,15 +120,24 @@ def _pair_argmins(kept: np.ndarray, regens: np.ndarray, cost: np.ndarray, count:
                   ) -> list[tuple[float, tuple[int, ...], float]]:
     """`_pair_argmin` for each row of `regens` with the matching budget, in blocks of rows:
     lynx-heu asks once per boundary combination, which differ only in those two. The same
-    element-wise operations as one search at a time, so the same answers, ties included."""
-    k = np.arange(count + 1)[None, None, :]
-    kept_mem = inflight * (k * kept[:, None, None] + (count - k) * kept[None, :, None])
-    time_ms = k * cost[:, None, None] + (count - k) * cost[None, :, None]
+    element-wise operations as one search at a time, so the same answers, ties included.
+
+    Only pairs i <= j are searched: (j, i, n) is (i, j, count - n) with the same two
+    products added the other way round, so the same floats, and row-major order reaches the
+    i < j copy first.
+    """
+    ii, jj = _upper_pairs(len(kept))
+    k = np.arange(count + 1)[None, :]
+    kept_mem = inflight * (k * kept[ii][:, None] + (count - k) * kept[jj][:, None])
+    time_ms = k * cost[ii][:, None] + (count - k) * cost[jj][:, None]
     out: list[tuple[float, tuple[int, ...], float]] = []
     for lo in range(0, len(budgets), COMBO_BLOCK):
         regen = regens[lo:lo + COMBO_BLOCK]
-        mem = kept_mem[None] + np.maximum(regen[:, :, None, None], regen[:, None, :, None])
-        total = np.where(mem <= budgets[lo:lo + COMBO_BLOCK, None, None, None], time_ms[None],
+        # taken along the options axis, so the rows stay C-ordered (plain indexing there
+        # yields a column-major array, and every operation after it strides)
+        peak = np.maximum(np.take(regen, ii, axis=1), np.take(regen, jj, axis=1))
+        mem = kept_mem[None] + peak[:, :, None]
+        total = np.where(mem <= budgets[lo:lo + COMBO_BLOCK, None, None], time_ms[None],
                          np.inf).reshape(len(regen), -1)
         flat = np.argmin(total, axis=1)
         for row, at in enumerate(flat.tolist()):
@@ -118,13 +145,18 @@ def _pair_argmins(kept: np.ndarray, regens: np.ndarray, cost: np.ndarray, count:
             if best == np.inf:
                 out.append((INFEASIBLE, (), np.inf))
                 continue
-            i, j, n = np.unravel_index(at, kept_mem.shape)
-            counts = np.zeros(len(kept), dtype=int)
-            counts[i] += n
-            counts[j] += count - n
-            out.append((best, tuple(int(c) for c in counts),
-                        float(mem[row].reshape(-1)[at])))
+            pair, n = divmod(at, count + 1)
+            counts = [0] * len(kept)
+            counts[int(ii[pair])] += n
+            counts[int(jj[pair])] += count - n
+            out.append((best, tuple(counts), float(mem[row].reshape(-1)[at])))
     return out
+
+
+@functools.cache
+def _upper_pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) with i <= j over `size` options, in row-major order."""
+    return np.triu_indices(size)
 
 
 def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,

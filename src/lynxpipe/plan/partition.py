@@ -5,18 +5,20 @@ exposed under its own memory budget. `choose_partition` is the one place a plann
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 
 from lynxpipe.cost.memory import rank_budgets
 from lynxpipe.cost.table import overlapped_collective
 from lynxpipe.plan.finalize import base_order
-from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsack
+from lynxpipe.plan.knapsack import INFEASIBLE, pair_knapsacks
 from lynxpipe.plan.options import layer_options, pareto
 from lynxpipe.plan.types import PlanRequest
 from lynxpipe.plan.windows import exposure, natural_slots
 from lynxpipe.schedule.policy import uniform_partition
+
+COUNT_BLOCK = 6
+"""Layer counts of one stage whose exposed recompute is searched together (the DP mostly
+stops within a few counts of where it starts)."""
 
 
 def default_partition(req: PlanRequest) -> tuple[int, ...]:
@@ -81,13 +83,18 @@ def balanced_partition(req: PlanRequest, kind: str) -> tuple[int, ...]:
     extra = [_extra_ms(req.costs.embed) if s == 0 else 0.0 for s in range(p)]
     extra[-1] += _extra_ms(req.costs.head)
 
-    @cache
+    most = num_layers - p + 1
+    exposed: dict[tuple[int, int], float] = {}
+
     def stage_ms(stage: int, count: int) -> float:
-        # the stage's activation budget moves with its layer count (weights scale with it)
-        delta = (count - uniform[stage]) * per_layer_static
-        budget = rb[stage].activation_bytes - delta
-        return (count * layer_ms + extra[stage]
-                + pair_knapsack(kept, regen, cost, count, rb[stage].inflight, budget))
+        if (stage, count) not in exposed:  # the DP asks counts in rising order: a block
+            block = range(count, min(count + COUNT_BLOCK, most + 1))
+            # the stage's activation budget moves with its layer count (weights scale with it)
+            budgets = [rb[stage].activation_bytes - (n - uniform[stage]) * per_layer_static
+                       for n in block]
+            exposed.update(zip(((stage, n) for n in block), pair_knapsacks(
+                kept, regen, cost, block, rb[stage].inflight, budgets)))
+        return count * layer_ms + extra[stage] + exposed[(stage, count)]
 
     best = _dp(num_layers, p, stage_ms)
     return best if best is not None else uniform
