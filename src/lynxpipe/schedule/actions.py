@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from lynxpipe.errors import LynxError
-from lynxpipe.schedule.windows import WindowKind, window_kind
+from lynxpipe.schedule.windows import WINDOW_KINDS, WindowKind, window_kind
 
 ActionKind = Literal["F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "R"]
 ACTION_KINDS: tuple[str, ...] = ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "R")
+
+
+_HOST_OF = {name: info.host for name, info in WINDOW_KINDS.items()}
+"""Window kind -> kind of the action hosting it ('' for on demand)."""
 
 
 class Window(NamedTuple):
@@ -42,7 +46,9 @@ class Window(NamedTuple):
     def host(self) -> tuple[str, int, int] | None:
         """(action kind, micro-batch, stage) of the action containing the window; None for
         on demand (the task then runs right before the backward that needs it)."""
-        host = window_kind(self.kind).host
+        host = _HOST_OF.get(self.kind)  # asked per task by every simulation: no call
+        if host is None:
+            host = window_kind(self.kind).host  # an unknown kind: raises, naming the known
         if not host:
             return None
         return (self.recv if host == "RECV" else host, self.mb, self.stage)

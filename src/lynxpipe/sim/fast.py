@@ -371,10 +371,16 @@ def _hosted(per: dict[Window, list[Filled]], inside: frozenset[int]) -> Hosted:
     """What is pinned to one backward's windows (`per`: window -> its tasks), with the fills
     the walk reads unless a task belongs to another stage or a window is not a backward
     collective's."""
-    walkable = all(w.kind == BWD_COLL and not w.recv and all(t[1] in inside for t in ts)
-                   for w, ts in per.items())
-    return Hosted(tuple(per), tuple(((w.layer, w.step), tuple(ts)) for w, ts in per.items())
-                  if walkable else None)
+    windows = tuple(per)
+    fills = []
+    for w, ts in per.items():  # loops, not generators: asked for every backward hosting
+        if w.kind != BWD_COLL or w.recv:  # tasks, by every simulation
+            return Hosted(windows, None)
+        for t in ts:
+            if t[1] not in inside:
+                return Hosted(windows, None)
+        fills.append(((w.layer, w.step), tuple(ts)))
+    return Hosted(windows, tuple(fills))
 
 
 NOTHING_HOSTED = Hosted((), ())
