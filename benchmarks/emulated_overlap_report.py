@@ -114,7 +114,7 @@ def forcing_points(cells: list[Cell]) -> list[dict[str, Any]]:
     none_pred = {(c.layout, c.rate): c.predicted_ms for c in cells
                  if c.policy == "none" and c.fits}
     for (layout, rate, budget), row in _groups(cells).items():
-        cm, heu = row.get("checkmate"), row.get("lynx-heu")
+        cm, heu, opt = row.get("checkmate"), row.get("lynx-heu"), row.get("lynx-opt")
         if not cm or not heu or cm.measured_ms is None or heu.measured_ms is None:
             continue
         none = cm.none_ms
@@ -126,7 +126,10 @@ def forcing_points(cells: list[Cell]) -> list[dict[str, Any]]:
                     "spread_ms": max(heu.spread_ms or 0.0, cm.spread_ms or 0.0),
                     "none_ms": none, "same_plan": heu.steps_ms == cm.steps_ms,
                     "predicted_share": _share(heu.predicted_ms, cm.predicted_ms,
-                                              none_pred.get((layout, rate)))})
+                                              none_pred.get((layout, rate))),
+                    "opt_predicted_share": _share(opt.predicted_ms, cm.predicted_ms,
+                                                  none_pred.get((layout, rate)))
+                    if opt is not None and opt.fits else None})
     return out
 
 
@@ -172,6 +175,13 @@ def targets(cells: list[Cell]) -> list[str]:
                 f"{statistics.median(predicted):.2f} ({sum(x >= 0.5 for x in predicted)} of "
                 f"{len(predicted)} cells ≥ 0.5), from the profile it planned with: what the "
                 f"windows can hold at these budgets, before any measurement noise.")
+        exact = [p["opt_predicted_share"] for p in mine if p["opt_predicted_share"] is not None]
+        if exact:
+            lines.append(
+                f"  - lynx-opt, the exact MILP over keep sets and windows (the best plan the "
+                f"planner can express), predicted median share {statistics.median(exact):.2f} "
+                f"({sum(x >= 0.5 for x in exact)} of {len(exact)} ≥ 0.5) for the same cells: "
+                f"see *how much of the on-demand overhead a window could hide* below.")
         same = [p for p in mine if p["same_plan"]]
         if same:
             other = [p for p in mine if not p["same_plan"]]
