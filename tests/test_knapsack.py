@@ -18,7 +18,6 @@ from lynxpipe.plan.knapsack import (
     _pair_argmin,
     _regen,
     _replicated,
-    pair_knapsack,
     pair_knapsacks,
     replicated_choice,
 )
@@ -126,7 +125,7 @@ def test_counts_searched_together_equal_one_at_a_time(opts, first, extra, inflig
     kept, regen, cost = (np.array(col) for col in zip(*opts))
     counts = range(first, first + extra + 1)
     block = pair_knapsacks(kept, regen, cost, counts, inflight, budgets[:len(counts)])
-    assert block == [pair_knapsack(kept, regen, cost, n, inflight, b)
+    assert block == [_pair_argmin(kept, regen, cost, n, inflight, b)[0]
                      for n, b in zip(counts, budgets)]
     assert block == [_every_pair(kept, regen, cost, n, inflight, b)[0]
                      for n, b in zip(counts, budgets)]

@@ -77,22 +77,17 @@ def choose_counts(class_sizes: list[int], options: list[LayerOption], cost: np.n
     return Choice(tuple(tuple(int(v) for v in row) for row in x), float(res.fun), gap)
 
 
-def pair_knapsack(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
-                  inflight: float, budget: float) -> float:
-    """Least cost of `count` identical layers mixing at most two options under the budget.
-
-    The LP optimum of a one-class multiple-choice knapsack mixes two adjacent hull options, so
-    two-option mixes are (nearly) optimal and cheap enough to run for every DP cell.
-    """
-    return _pair_argmin(kept, regen, cost, count, inflight, budget)[0]
-
-
 def pair_knapsacks(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray,
                    counts: range, inflight: float, budgets: list[float]) -> list[float]:
-    """`pair_knapsack` for each count of `counts` with the matching budget, in one array
-    operation: the partitioner asks a stage for one layer count after another. The same
-    element-wise operations as one count at a time (mixes n > count masked out), so the same
-    least costs."""
+    """Least cost of `count` identical layers mixing at most two options under the budget,
+    for each count of `counts` with the matching budget, in one array operation (the
+    partitioner asks a stage for one layer count after another).
+
+    The LP optimum of a one-class multiple-choice knapsack mixes two adjacent hull options, so
+    two-option mixes are (nearly) optimal and cheap enough to run for every DP cell. The same
+    element-wise operations as `_pair_argmin`, one count at a time (mixes n > count masked
+    out), so the same least costs.
+    """
     ii, jj = _upper_pairs(len(kept))
     c = np.array(counts)[:, None, None]
     k = np.arange(counts[-1] + 1)[None, None, :]
@@ -106,8 +101,8 @@ def pair_knapsacks(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray,
 
 def _pair_argmin(kept: np.ndarray, regen: np.ndarray, cost: np.ndarray, count: int,
                  inflight: float, budget: float) -> tuple[float, tuple[int, ...], float]:
-    """Like pair_knapsack, returning the counts per option and their memory too: the first
-    least (i, j, n) in row-major order, n layers on option i and the rest on j."""
+    """`pair_knapsacks` for one count, with the counts per option and their memory too: the
+    first least (i, j, n) in row-major order, n layers on option i and the rest on j."""
     return _pair_argmins(kept, regen[None, :], cost, count, inflight, np.array([budget]))[0]
 
 
