@@ -168,20 +168,14 @@ def targets(cells: list[Cell]) -> list[str]:
             f"{verdict(faster >= 0.8 * len(mine))}); largest excess over checkmate beyond the "
             f"spread {beyond:+,.0f} ms at {worst['layout']} {worst['rate']} "
             f"{worst['budget_bytes'] / 2**20:.1f} MiB (target ≤ 0: {verdict(beyond <= 0)}).")
-        predicted = [p["predicted_share"] for p in mine if p["predicted_share"] is not None]
-        if predicted:
-            lines.append(
-                f"  - The planner's own prediction for the same {len(mine)} cells: median share "
-                f"{statistics.median(predicted):.2f} ({sum(x >= 0.5 for x in predicted)} of "
-                f"{len(predicted)} cells ≥ 0.5), from the profile it planned with: what the "
-                f"windows can hold at these budgets, before any measurement noise.")
-        exact = [p["opt_predicted_share"] for p in mine if p["opt_predicted_share"] is not None]
-        if exact:
-            lines.append(
-                f"  - lynx-opt, the exact MILP over keep sets and windows (the best plan the "
-                f"planner can express), predicted median share {statistics.median(exact):.2f} "
-                f"({sum(x >= 0.5 for x in exact)} of {len(exact)} ≥ 0.5) for the same cells: "
-                f"see *how much of the on-demand overhead a window could hide* below.")
+        lines += _predicted_line(
+            mine, "predicted_share", "The planner's own prediction",
+            "from the profile it planned with: what the windows can hold at these budgets, "
+            "before any measurement noise.")
+        lines += _predicted_line(
+            mine, "opt_predicted_share",
+            "lynx-opt, the exact MILP over keep sets and windows (the best plan the planner "
+            "can express)", "see *how much of the on-demand overhead a window could hide* below.")
         same = [p for p in mine if p["same_plan"]]
         if same:
             other = [p for p in mine if not p["same_plan"]]
@@ -195,6 +189,16 @@ def targets(cells: list[Cell]) -> list[str]:
                    f"{sum(p['heu_ms'] < p['checkmate_ms'] for p in other)}/{len(other)}."
                    if other else "– (none)."))
     return lines + fidelity(cells)
+
+
+def _predicted_line(points: list[dict[str, Any]], key: str, who: str, why: str) -> list[str]:
+    """One line: the median of a predicted share over the forcing cells that have one."""
+    shares = [p[key] for p in points if p[key] is not None]
+    if not shares:
+        return []
+    return [f"  - {who} for the same {len(points)} cells: median share "
+            f"{statistics.median(shares):.2f} ({sum(x >= 0.5 for x in shares)} of {len(shares)} "
+            f"cells ≥ 0.5), {why}"]
 
 
 def _fidelity_errors(run: list[Cell], pred: str) -> tuple[list[float], list[float]]:

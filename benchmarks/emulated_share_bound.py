@@ -52,7 +52,7 @@ def split(probe: PlanRequest, budget: int) -> dict[str, Any]:
 def per_layer(probe: PlanRequest) -> dict[str, float]:
     """Recompute ms per layer and micro-batch: `full`, and the leanest segment option."""
     cost = probe.costs.layer
-    lean = min((o for o in layer_options(cost, with_full=False)), key=lambda o: o.kept_bytes)
+    lean = min(layer_options(cost, with_full=False), key=lambda o: o.kept_bytes)
     full = option_for(cost, FULL)
     return {"full_ms": full.total_ms, "full_kept_bytes": full.kept_bytes,
             "segments_ms": lean.total_ms, "segments_kept_bytes": lean.kept_bytes,
@@ -62,7 +62,6 @@ def per_layer(probe: PlanRequest) -> dict[str, float]:
 def main() -> None:
     data = json.loads((eo.OUT / "results.json").read_text())
     cells = with_none([from_dict(Cell, c) for c in data["cells"]])
-    opt = {(c.layout, c.rate, c.budget_bytes): c for c in cells if c.policy == "lynx-opt"}
     none = {(c.layout, c.rate): c.predicted_ms for c in cells if c.policy == "none" and c.fits}
     rows, layers = [], {}
     for point in forcing_points(cells):
@@ -73,10 +72,7 @@ def main() -> None:
                "none_ms": none[(layout, rate)], **split(probe, budget)}
         over = row["checkmate_ms"] - row["none_ms"]
         row["ceiling"] = (row["checkmate_ms"] - row["full_only_ms"]) / over if over > 0 else None
-        best = opt.get((layout, rate, budget))
-        row["opt_share"] = (1 - (best.predicted_ms - row["none_ms"]) / over
-                            if best is not None and best.fits and over > 0 else None)
-        row["heu_share"] = point["predicted_share"]
+        row["opt_share"], row["heu_share"] = point["opt_predicted_share"], point["predicted_share"]
         rows.append(row)
     OUT.mkdir(parents=True, exist_ok=True)
     write_json_atomic(OUT / "results.json", {"sweep_commit": data["meta"]["commit"],

@@ -150,8 +150,11 @@ def _pair_argmins(kept: np.ndarray, regens: np.ndarray, cost: np.ndarray, count:
 
 @functools.cache
 def _upper_pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i, j) with i <= j over `size` options, in row-major order."""
-    return np.triu_indices(size)
+    """(i, j) with i <= j over `size` options, in row-major order (shared: read-only)."""
+    pairs = np.triu_indices(size)
+    for a in pairs:
+        a.flags.writeable = False
+    return pairs
 
 
 def replicated_choice(class_sizes: list[int], options: list[LayerOption], cost: np.ndarray,
