@@ -28,7 +28,7 @@ from lynxpipe.plan.options import layer_options
 from lynxpipe.plan.partition import choose_partition, default_partition
 from lynxpipe.plan.period import Period, make_period
 from lynxpipe.plan.recompute import TaskKey, required_tasks
-from lynxpipe.plan.refine import refine
+from lynxpipe.plan.refine import refine, trim_to_fit
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.plan.windows import Slot, exposure, natural_slots
 from lynxpipe.schedule.actions import Window
@@ -181,9 +181,11 @@ def plan_lynx_heu(req: PlanRequest) -> Plan:
     candidates: list[tuple[str, tuple[Plan, SimResult]]] = []
     for partition in partitions:
         heu = HeuPlanner(req, partition)
+        # the top hosts' windows may hold the peak: handing them back can beat tightening
         candidates.append((f"window-aware keep sets, partition {partition}", tighten_loop(
             req, partition, "lynx-heu", heu.solve, start, place=heu.place, relax=False,
-            notes=(f"partition {partition}; keep sets by natural windows",))))
+            notes=(f"partition {partition}; keep sets by natural windows",),
+            repair=lambda plan: trim_to_fit(req, plan))))
     # refinement only keeps what is faster, and each costs several simulations: only the
     # fastest window-aware candidate, and checkmate's keep sets where they beat it, get one
     source, run = min(candidates, key=lambda c: _rank_key(c[1][0]))

@@ -24,6 +24,8 @@ MAX_TIGHTEN = 8
 
 Solver = Callable[[RankBudget, int], tuple[dict[int, LayerPolicy], float]]
 """(rank budget, extra margin bytes) -> (policy per layer of the rank, MIP gap)."""
+Repair = Callable[[Plan], "tuple[Plan, SimResult] | None"]
+"""A plan over budget -> a variant of it that fits, or None."""
 Placer = Callable[[tuple[LayerPolicy, ...]], dict[TaskKey, Window]]
 """Policies of all layers -> window of every recompute task that is not on demand."""
 
@@ -38,11 +40,13 @@ def assign(layers: tuple[int, ...], counts: tuple[int, ...],
 
 def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve: Solver,
                  start: float, notes: tuple[str, ...] = (), place: Placer | None = None,
-                 relax: bool = True) -> tuple[Plan, SimResult]:
+                 relax: bool = True, repair: Repair | None = None) -> tuple[Plan, SimResult]:
     """Solve every rank, simulate, and shrink the budget of ranks the simulator finds over it.
 
     `place` maps the chosen policies to recompute windows (None: everything on demand);
-    `relax` hands the simulator's slack back to a conservative solver after its first fit.
+    `relax` hands the simulator's slack back to a conservative solver after its first fit;
+    `repair` is offered the first plan over budget (fewer windows can fit where the tightened
+    keep sets would recompute more), and what it returns competes with the loop's plans.
     """
     order = base_order(req)
     budgets = rank_budgets(req.costs, partition, order, req.budget_bytes, req.reserve_bytes)
@@ -61,9 +65,13 @@ def tighten_loop(req: PlanRequest, partition: tuple[int, ...], name: str, solve:
                                           1e3 * (time.perf_counter() - start), gap, notes)
         plan, sim = simulated[policy]
         over = [peak - req.budget_bytes for peak in plan.predicted.peak_memory_bytes]
-        if all(o <= 0 for o in over) and (
-                best is None or plan.predicted.step_time_ms < best[0].predicted.step_time_ms):
-            best = (plan, sim)
+        fixed = None
+        if repair is not None and any(o > 0 for o in over):
+            fixed, repair = repair(plan), None
+        for run in ((plan, sim), fixed):
+            if run is not None and run[0].predicted.fits_budget and (
+                    best is None or run[0].predicted.step_time_ms < best[0].predicted.step_time_ms):
+                best = run
         # a rank over budget with every layer on `full` keeps the least it can: tightening
         # its estimate further cannot help (the budget is below what this partition needs)
         stuck = [o > 0 and all(chosen[g].full for g in rb.layers)

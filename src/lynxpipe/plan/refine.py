@@ -21,7 +21,7 @@ from lynxpipe.plan.recompute import TaskKey
 from lynxpipe.plan.types import Plan, PlanRequest
 from lynxpipe.schedule.actions import Window
 from lynxpipe.schedule.policy import LayerPolicy, stage_layers
-from lynxpipe.schedule.windows import FWD_COLL, RECV, is_planned
+from lynxpipe.schedule.windows import BWD_COLL, FWD_COLL, RECV, is_planned
 from lynxpipe.sim.result import SimResult
 
 REPAIR_ROUNDS = 4
@@ -136,3 +136,69 @@ def _fitting(req: PlanRequest, plan: Plan, moves: dict[TaskKey, Window],
         if not moves:
             return None
     return None
+
+
+def trim_to_fit(req: PlanRequest, plan: Plan) -> tuple[Plan, SimResult] | None:
+    """`plan` over budget with some tasks in backward-collective windows: the same keep sets
+    with the fewest window hosts, from the top of each over-budget rank's stages down, handing
+    their tasks back to on demand so that it fits (None: not even all of them).
+
+    A task in a window holds its tensors from there to its backward. At the top of a stage's
+    backward, where the head's or the upper layers' gradients are still live, that can raise
+    the peak above what the keep sets alone need; lower down the freed memory has room (SPEC §4).
+    So the top hosts give their tasks back first, and the count is bisected (un-placing more
+    holds less), one simulation per try.
+    """
+    rank_of = {g: s % req.parallel.pp for s, rng in enumerate(stage_layers(plan.partition))
+               for g in rng}
+    rank_of[req.model.num_layers] = (len(plan.partition) - 1) % req.parallel.pp
+    over = {r for r, peak in enumerate(plan.predicted.peak_memory_bytes)
+            if peak > req.budget_bytes}
+    placed = _placement(plan)
+    mine = {k for k, w in placed.items() if w.kind == BWD_COLL and rank_of[k[1]] in over}
+    hosts = sorted({placed[k].layer for k in mine}, reverse=True)
+    if not hosts or _held_at_most(req, plan, mine) < max(
+            plan.predicted.peak_memory_bytes[r] - req.budget_bytes for r in over):
+        return None  # handing every window back frees less than the overshoot
+
+    def attempt(count: int) -> tuple[Plan, SimResult]:
+        gone = set(hosts[:count])
+        kept = {k: w for k, w in placed.items() if not (k in mine and w.layer in gone)}
+        return make_plan(req, plan.policy, plan.partition, plan.layers, kept, plan.planner_ms,
+                         plan.mip_gap, plan.notes + (f"tasks of {count} window hosts at the "
+                                                     f"top of the stage on demand",))
+
+    # usually the top host alone is enough; where even all of them are not, one more try says so
+    fail, best = 0, None
+    for count in dict.fromkeys((1, len(hosts))):
+        run = attempt(count)
+        if run[0].predicted.fits_budget:
+            best = (count, run)
+            break
+        fail = count
+    if best is None:
+        return None
+    while best[0] - fail > 1:  # un-placing more holds less: bisect the count
+        mid = (fail + best[0]) // 2
+        run = attempt(mid)
+        if run[0].predicted.fits_budget:
+            best = (mid, run)
+        else:
+            fail = mid
+    return best[1]
+
+
+def _held_at_most(req: PlanRequest, plan: Plan, tasks: set[TaskKey]) -> int:
+    """At most how many bytes `tasks` (in backward-collective windows) hold at any moment
+    beyond on demand: such a window lies in the backward of its task's micro-batch and stage,
+    and a rank runs one backward at a time, so no more than one (micro-batch, stage)'s tasks."""
+    seg: dict[LayerPolicy, LayerOption] = {}
+    stage_of = {g: s for s, rng in enumerate(stage_layers(plan.partition)) for g in rng}
+    held: dict[tuple[int, int], int] = {}
+    for mb, layer, segment in tasks:
+        policy = plan.layers[layer]
+        if policy not in seg:
+            seg[policy] = option_for(req.costs.layer, policy)
+        key = (mb, stage_of[layer])
+        held[key] = held.get(key, 0) + seg[policy].seg_bytes.get(segment, 0)
+    return max(held.values(), default=0)
