@@ -24,6 +24,7 @@ For each layout (TP=2, PP=2: 2 ranks, one core each) and link rate (1 Gbit, 200 
     python benchmarks/emulated_overlap.py              # full run (root; ~1-2 h on 2 cores)
     python benchmarks/emulated_overlap.py --quick      # one layout, one rate, 3 budgets
     python benchmarks/emulated_overlap.py --render-only
+    python benchmarks/emulated_overlap.py --model gpt-medium-cpu --layouts TP=2   # h=1024
 
 Writes benchmarks/results/emulated_overlap/{results.json, results.md, step_time_vs_budget.png},
 the measured profiles (profiles/LAYOUT-RATE.json; `emulated_replan.py` re-plans from them) and
@@ -43,7 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emulated_overlap_report import FORCING, Cell, render
+from emulated_overlap_report import DEFAULT_MODEL, FORCING, Cell, render
 
 from lynxpipe.artifact import from_dict, to_dict, write_json_atomic
 from lynxpipe.cost.table import CostTable
@@ -58,7 +59,11 @@ from lynxpipe.workflow import build_request
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "emulated_overlap"
-MODEL = "gpt-small-cpu"  # 8 layers, h=512, 8 heads, s=256: ~60 ms per layer forward on a core
+MODEL = DEFAULT_MODEL
+# The second shape (`--model gpt-medium-cpu`, h=1024): at h=512 and 100-200 Mbit TP=2 the lean
+# segment recompute of every layer is under 5% of the step, so only `full` layers (replayed
+# all-reduces, never hideable) force recompute there; twice the width doubles the GEMMs' share.
+MODELS = ("gpt-small-cpu", "gpt-medium-cpu")
 LAYOUTS = {"TP=2": dict(tp=2, pp=1, micro_batch_size=1, num_microbatches=2, seq_len=256),
            "PP=2": dict(tp=1, pp=2, micro_batch_size=1, num_microbatches=4, seq_len=256)}
 RATES = ("1gbit", "200mbit", "100mbit")
@@ -68,8 +73,13 @@ OPS_REPEATS = 7  # as `lynxpipe profile --measure` times them by default
 RANK_SCRIPT = Path(__file__).resolve().parent / "overlap_rank.py"
 
 
-def _flags(par: dict[str, Any]) -> list[str]:
-    out = ["--model", MODEL, "--cluster", "a100-pcie"]
+def out_dir(model: str) -> Path:
+    """Where a sweep of `model` keeps its results (the default model: OUT itself)."""
+    return OUT if model == MODEL else OUT / model
+
+
+def _flags(par: dict[str, Any], model: str) -> list[str]:
+    out = ["--model", model, "--cluster", "a100-pcie"]
     for key, value in par.items():
         out += [f"--{key.replace('_', '-')}", str(value)]
     return out
@@ -145,9 +155,10 @@ def budgets(req: PlanRequest, count: int) -> list[int]:
             + [edge + (high - edge) * k // above for k in range(1, above + 1)])
 
 
-def requests(prof: Path, par: dict[str, Any]) -> tuple[PlanRequest, PlanRequest]:
+def requests(prof: Path, par: dict[str, Any], model: str = MODEL,
+             ) -> tuple[PlanRequest, PlanRequest]:
     """The request planned from the measured profile, and its analytic twin (same specs)."""
-    probe = build_request(get_model(MODEL), get_cluster("a100-pcie"), ParallelSpec(**par),
+    probe = build_request(get_model(model), get_cluster("a100-pcie"), ParallelSpec(**par),
                           budget_bytes=2**40, profile=prof, adopt_profile_dtype=True)
     analytic = build_request(probe.model, probe.cluster, probe.parallel, budget_bytes=2**40)
     return probe, analytic
@@ -229,14 +240,14 @@ def run_plans(plans: list[Path], par: dict[str, Any], rate: str, args: argparse.
     return json.loads(out.read_text())
 
 
-def profile_path(layout: str, rate: str) -> Path:
+def profile_path(layout: str, rate: str, model: str = MODEL) -> Path:
     """Where the sweep keeps the profile it measured for (layout, rate)."""
-    return OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.json"
+    return out_dir(model) / "profiles" / f"{layout.replace('=', '')}-{rate}.json"
 
 
-def ops_path(layout: str, rate: str) -> Path:
+def ops_path(layout: str, rate: str, model: str = MODEL) -> Path:
     """Where it keeps rank 0's op timings beside the runs (one per round)."""
-    return OUT / "profiles" / f"{layout.replace('=', '')}-{rate}.ops.json"
+    return out_dir(model) / "profiles" / f"{layout.replace('=', '')}-{rate}.ops.json"
 
 
 def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list[Cell]:
@@ -244,19 +255,20 @@ def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list
     par = LAYOUTS[layout]
     work = Path(tempfile.mkdtemp(prefix="lynx-overlap-"))
     prof = work / "profile.json"
-    _cli(["profile", "--measure", "--emulate", rate, *_flags(par), "--out", str(prof)], log)
+    _cli(["profile", "--measure", "--emulate", rate, *_flags(par, args.model), "--out",
+          str(prof)], log)
     # kept beside the results: every prediction can be re-planned from the profile it used
-    kept = profile_path(layout, rate)
+    kept = profile_path(layout, rate, args.model)
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(prof, kept)
-    probe, analytic = requests(prof, par)
+    probe, analytic = requests(prof, par, args.model)
     specs, plans, paths = plan_cells(probe, budgets(probe, args.budgets), work)
     print(f"  {len(specs)} cells, {len(plans)} distinct plans to run", flush=True)
     ops_job = work / "ops-job.json"
     ops_job.write_text(json.dumps(to_dict(make_job(
         analytic.costs, probe.model, probe.parallel, "float32", "cpu", OPS_REPEATS))))
     out = run_plans(paths, par, rate, args, work, ops_job)
-    write_json_atomic(ops_path(layout, rate), out["ops"])
+    write_json_atomic(ops_path(layout, rate, args.model), out["ops"])
     ops = median_ops([from_dict(OpSamples, o, "op timing") for o in out["ops"]])
     in_run_predictions(specs, plans, retime(probe.costs, analytic.costs, ops))
     return [Cell.from_runs(layout, rate, spec, out["ranks"]) for spec in specs]
@@ -264,6 +276,8 @@ def measure(layout: str, rate: str, args: argparse.Namespace, log: Path) -> list
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=MODEL, choices=MODELS,
+                    help=f"results of another model go under {OUT.relative_to(ROOT)}/MODEL/")
     ap.add_argument("--rates", nargs="+", default=list(RATES))
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--budgets", type=int, default=BUDGETS)
@@ -278,12 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.layouts, args.rates, args.budgets, args.rounds = ["TP=2"], ["100mbit"], 3, 2
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.model)
+    out.mkdir(parents=True, exist_ok=True)
     if args.render_only:
-        data = json.loads((OUT / "results.json").read_text())
-        render(data, OUT, ROOT / "BENCHMARKS.md", update_md=not data["meta"]["quick"])
+        data = json.loads((out / "results.json").read_text())
+        render(data, out, ROOT / "BENCHMARKS.md", update_md=not data["meta"]["quick"])
         return
-    log = OUT / "run.log"
+    log = out / "run.log"
     log.write_text("")
     start, cells = time.time(), []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -294,13 +309,13 @@ def main(argv: list[str] | None = None) -> None:
             cells += measure(layout, rate, args, log)
             # Saved after every (layout, rate): an hour of measurements survives a late failure.
             data = _results(args, commit, start, cells, partial=True)
-            write_json_atomic(OUT / "results.partial.json", data)
+            write_json_atomic(out / "results.partial.json", data)
     data = _results(args, commit, start, cells, partial=False)
     if args.replace:
-        data = _merge(json.loads((OUT / "results.json").read_text()), data)
-    write_json_atomic(OUT / "results.json", data)
-    (OUT / "results.partial.json").unlink(missing_ok=True)
-    render(data, OUT, ROOT / "BENCHMARKS.md", update_md=not args.quick)
+        data = _merge(json.loads((out / "results.json").read_text()), data)
+    write_json_atomic(out / "results.json", data)
+    (out / "results.partial.json").unlink(missing_ok=True)
+    render(data, out, ROOT / "BENCHMARKS.md", update_md=not args.quick)
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -319,7 +334,7 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def _results(args: argparse.Namespace, commit: str, start: float, cells: list[Cell],
              partial: bool) -> dict[str, Any]:
     meta = {"commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "wall_s": time.time() - start, "model": MODEL, "layouts": LAYOUTS,
+            "wall_s": time.time() - start, "model": args.model, "layouts": LAYOUTS,
             "rates": list(args.rates), "budgets": args.budgets, "warmup": args.warmup,
             "steps": args.steps, "rounds": args.rounds, "quick": args.quick,
             "policies": list(POLICIES), "partial": partial}

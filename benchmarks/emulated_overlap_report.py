@@ -17,8 +17,10 @@ from typing import Any
 from bench_md import replace_section
 
 from lynxpipe.artifact import from_dict
+from lynxpipe.specs import get_model
 
 FORCING = 0.05
+DEFAULT_MODEL = "gpt-small-cpu"  # 8 layers, h=512, 8 heads, s=256: ~60 ms per layer forward on a core
 SECTIONS = ("F", "B", "RECV_wait", "SEND", "dp_sync", "optimizer")
 
 
@@ -330,10 +332,16 @@ def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> 
     cells = with_none([from_dict(Cell, c) for c in data["cells"]])
     policies = meta["policies"]
     plot(cells, policies, out / "step_time_vs_budget.png")
+    spec = get_model(meta["model"])
+    default = meta["model"] == DEFAULT_MODEL
+    command = "python benchmarks/emulated_overlap.py" + (
+        "" if default else f" --model {meta['model']} --layouts "
+        + " ".join(sorted({c.layout for c in cells})))
     body = "\n".join([
-        f"Rerun: `python benchmarks/emulated_overlap.py` (root; {meta['wall_s'] / 60:.0f} min "
-        f"here, commit `{meta['commit']}`, {meta['date']}). Model `{meta['model']}` (8 layers, "
-        f"h 512, fused attention, hidden dropout 0.1, fp32), one core per rank, ranks in network "
+        f"Rerun: `{command}` (root; {meta['wall_s'] / 60:.0f} min "
+        f"here, commit `{meta['commit']}`, {meta['date']}). Model `{meta['model']}` "
+        f"({spec.num_layers} layers, h {spec.hidden_size}, fused attention, hidden dropout "
+        f"{spec.hidden_dropout}, fp32), one core per rank, ranks in network "
         f"namespaces on tbf-shaped veth links; {meta['budgets']} budgets from the smallest "
         f"feasible one to `none`'s peak (the lower half where checkmate is predicted ≥ 5% "
         f"slower than none); every plan that fits runs in one gloo world, plans "
@@ -347,8 +355,9 @@ def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> 
         table(cells, policies), "", "**Targets**", "", *targets(cells), "",
         "**Where `none`'s step goes** (ms per step; in-loop section timers, medians, next to "
         "the simulator's):", "", sections_table(cells), "",
-        "![step time vs budget](benchmarks/results/emulated_overlap/step_time_vs_budget.png)"])
+        f"![step time vs budget]({(out / 'step_time_vs_budget.png').relative_to(bench_md.parent)})"])
     (out / "results.md").write_text("# Emulated cluster: the budget sweep\n\n" + body + "\n")
     if update_md:
-        replace_section(bench_md, "emulated_overlap", "Emulated cluster (measured): the budget "
-                        "sweep", body)
+        replace_section(bench_md, "emulated_overlap" + ("" if default else f"_{meta['model']}"),
+                        "Emulated cluster (measured): the budget sweep"
+                        + ("" if default else f", `{meta['model']}`"), body)

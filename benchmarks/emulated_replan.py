@@ -5,10 +5,12 @@ sweep kept them) the predictions from the op times measured beside the runs. Pur
 ranks, no root.
 
     python benchmarks/emulated_replan.py        # exit 1 if any cell's prediction differs
+    python benchmarks/emulated_replan.py --model gpt-medium-cpu
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -22,20 +24,23 @@ from lynxpipe.profile.samples import OpSamples
 
 
 def main() -> int:
-    data = json.loads((eo.OUT / "results.json").read_text())
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=eo.MODEL, choices=eo.MODELS)
+    model = ap.parse_args().model
+    data = json.loads((eo.out_dir(model) / "results.json").read_text())
     stored = {(c["layout"], c["rate"], c["policy"], c["budget_bytes"]): c for c in data["cells"]}
     differ, count = [], 0
     with tempfile.TemporaryDirectory() as work:
         for layout, rate in sorted({(c["layout"], c["rate"]) for c in data["cells"]}):
-            prof = eo.profile_path(layout, rate)
+            prof = eo.profile_path(layout, rate, model)
             if not prof.exists():
                 print(f"{layout} @ {rate}: no stored profile (run before profiles were kept)")
                 return 1
-            probe, analytic = eo.requests(prof, eo.LAYOUTS[layout])
+            probe, analytic = eo.requests(prof, eo.LAYOUTS[layout], model)
             ran = sorted({c["budget_bytes"] for c in data["cells"]
                           if (c["layout"], c["rate"]) == (layout, rate)})
             specs, plans, _ = eo.plan_cells(probe, ran, Path(work))
-            ops = eo.ops_path(layout, rate)
+            ops = eo.ops_path(layout, rate, model)
             if ops.exists():
                 timed = [from_dict(OpSamples, o) for o in json.loads(ops.read_text())]
                 eo.in_run_predictions(specs, plans, retime(probe.costs, analytic.costs,

@@ -18,6 +18,7 @@ express. Pure planning from the stored profiles: no ranks, no root.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from dataclasses import replace
@@ -34,8 +35,6 @@ from lynxpipe.plan.planners import make
 from lynxpipe.plan.types import PlanRequest
 from lynxpipe.schedule.policy import FULL, KEEP_ALL
 from lynxpipe.sim.engine import simulate
-
-OUT = eo.OUT / "share_bound"
 
 
 def split(probe: PlanRequest, budget: int) -> dict[str, Any]:
@@ -60,13 +59,16 @@ def per_layer(probe: PlanRequest) -> dict[str, float]:
 
 
 def main() -> None:
-    data = json.loads((eo.OUT / "results.json").read_text())
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=eo.MODEL, choices=eo.MODELS)
+    model = ap.parse_args().model
+    data = json.loads((eo.out_dir(model) / "results.json").read_text())
     cells = with_none([from_dict(Cell, c) for c in data["cells"]])
     none = {(c.layout, c.rate): c.predicted_ms for c in cells if c.policy == "none" and c.fits}
     rows, layers = [], {}
     for point in forcing_points(cells):
         layout, rate, budget = point["layout"], point["rate"], point["budget_bytes"]
-        probe, _ = eo.requests(eo.profile_path(layout, rate), eo.LAYOUTS[layout])
+        probe, _ = eo.requests(eo.profile_path(layout, rate, model), eo.LAYOUTS[layout], model)
         layers.setdefault(f"{layout} @ {rate}", per_layer(probe))
         row = {"layout": layout, "rate": rate, "budget_bytes": budget,
                "none_ms": none[(layout, rate)], **split(probe, budget)}
@@ -74,14 +76,19 @@ def main() -> None:
         row["ceiling"] = (row["checkmate_ms"] - row["full_only_ms"]) / over if over > 0 else None
         row["opt_share"], row["heu_share"] = point["opt_predicted_share"], point["predicted_share"]
         rows.append(row)
-    OUT.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(OUT / "results.json", {"sweep_commit": data["meta"]["commit"],
+    out = eo.out_dir(model) / "share_bound"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", {"sweep_commit": data["meta"]["commit"],
                                              "per_layer": layers, "cells": rows})
     text = render(rows, layers)
-    (OUT / "results.md").write_text(text)
-    replace_section(eo.ROOT / "BENCHMARKS.md", "emulated_share_bound",
-                    "Emulated sweep: how much of the on-demand overhead a window could hide",
-                    f"Rerun: `python benchmarks/emulated_share_bound.py` (pure planning from the "
+    (out / "results.md").write_text(text)
+    default = model == eo.MODEL
+    replace_section(eo.ROOT / "BENCHMARKS.md", "emulated_share_bound" + (
+                    "" if default else f"_{model}"),
+                    "Emulated sweep: how much of the on-demand overhead a window could hide"
+                    + ("" if default else f", `{model}`"),
+                    f"Rerun: `python benchmarks/emulated_share_bound.py"
+                    f"{'' if default else ' --model ' + model}` (pure planning from the "
                     f"sweep's stored profiles; sweep at `{data['meta']['commit']}`). Predicted "
                     f"figures; the split is explained in the script's docstring.\n\n{text}")
     print(text)

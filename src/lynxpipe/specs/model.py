@@ -116,6 +116,8 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     # as fused attention on CPU needs (SPEC §10), hidden dropout on
     "gpt-tiny": ModelSpec("gpt-tiny", "gpt", 4, 64, 4, 4, 256, 512),
     "gpt-small-cpu": ModelSpec("gpt-small-cpu", "gpt", 8, 512, 8, 8, 2048, 4096),
+    # twice the width: GEMMs grow as h^2, a TP all-reduce as h (the emulated sweep's second shape)
+    "gpt-medium-cpu": ModelSpec("gpt-medium-cpu", "gpt", 8, 1024, 16, 16, 4096, 4096),
     "llama-tiny": ModelSpec("llama-tiny", "llama", 4, 128, 4, 2, 256, 512, hidden_dropout=0.1),
 }
 
