@@ -20,7 +20,8 @@ from lynxpipe.artifact import from_dict
 from lynxpipe.specs import get_model
 
 FORCING = 0.05
-DEFAULT_MODEL = "gpt-small-cpu"  # 8 layers, h=512, 8 heads, s=256: ~60 ms per layer forward on a core
+# 8 layers, h=512, 8 heads, s=256: ~60 ms per layer forward on a core
+DEFAULT_MODEL = "gpt-small-cpu"
 SECTIONS = ("F", "B", "RECV_wait", "SEND", "dp_sync", "optimizer")
 
 
@@ -331,7 +332,8 @@ def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> 
     meta = data["meta"]
     cells = with_none([from_dict(Cell, c) for c in data["cells"]])
     policies = meta["policies"]
-    plot(cells, policies, out / "step_time_vs_budget.png")
+    figure = out / "step_time_vs_budget.png"
+    plot(cells, policies, figure)
     spec = get_model(meta["model"])
     default = meta["model"] == DEFAULT_MODEL
     command = "python benchmarks/emulated_overlap.py" + (
@@ -355,7 +357,7 @@ def render(data: dict[str, Any], out: Path, bench_md: Path, update_md: bool) -> 
         table(cells, policies), "", "**Targets**", "", *targets(cells), "",
         "**Where `none`'s step goes** (ms per step; in-loop section timers, medians, next to "
         "the simulator's):", "", sections_table(cells), "",
-        f"![step time vs budget]({(out / 'step_time_vs_budget.png').relative_to(bench_md.parent)})"])
+        f"![step time vs budget]({figure.relative_to(bench_md.parent)})"])
     (out / "results.md").write_text("# Emulated cluster: the budget sweep\n\n" + body + "\n")
     if update_md:
         replace_section(bench_md, "emulated_overlap" + ("" if default else f"_{meta['model']}"),

@@ -97,7 +97,8 @@ def test_trim_hands_the_top_hosts_windows_back_until_it_fits():
     # the hosts handed back are the top ones of the over-budget rank's stages
     ranks = [r for r, peak in enumerate(over[0].predicted.peak_memory_bytes)
              if peak > req.budget_bytes]
-    mine = {g for s, rng in enumerate(stage_layers(partition)) if s % 2 in ranks for g in rng}
+    mine = {g for s, rng in enumerate(stage_layers(partition)) if s % req.parallel.pp in ranks
+            for g in rng}
     hosts = sorted({w.layer for k, w in before.items() if w.kind == BWD_COLL and k[1] in mine},
                    reverse=True)
     handed = {before[k].layer for k in gone}

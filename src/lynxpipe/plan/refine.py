@@ -116,8 +116,7 @@ def _fitting(req: PlanRequest, plan: Plan, moves: dict[TaskKey, Window],
              label: str) -> Plan | None:
     """Apply `moves`; where a rank then overshoots its budget, give back part of its moves
     (forward-window ones first: their tensors are held longest) and try again."""
-    rank_of = {g: s % req.parallel.pp for s, rng in enumerate(stage_layers(plan.partition))
-               for g in rng}
+    rank_of = _rank_of(req, plan)
     for _ in range(REPAIR_ROUNDS):
         placement = {**_placement(plan), **moves}
         cand, _ = make_plan(req, plan.policy, plan.partition, plan.layers, placement,
@@ -138,6 +137,12 @@ def _fitting(req: PlanRequest, plan: Plan, moves: dict[TaskKey, Window],
     return None
 
 
+def _rank_of(req: PlanRequest, plan: Plan) -> dict[int, int]:
+    """The rank that runs each layer of `plan`."""
+    return {g: s % req.parallel.pp for s, rng in enumerate(stage_layers(plan.partition))
+            for g in rng}
+
+
 def trim_to_fit(req: PlanRequest, plan: Plan) -> tuple[Plan, SimResult] | None:
     """`plan` over budget with some tasks in backward-collective windows: the same keep sets
     with the fewest window hosts, from the top of each over-budget rank's stages down, handing
@@ -149,9 +154,7 @@ def trim_to_fit(req: PlanRequest, plan: Plan) -> tuple[Plan, SimResult] | None:
     So the top hosts give their tasks back first, and the count is bisected (un-placing more
     holds less), one simulation per try.
     """
-    rank_of = {g: s % req.parallel.pp for s, rng in enumerate(stage_layers(plan.partition))
-               for g in rng}
-    rank_of[req.model.num_layers] = (len(plan.partition) - 1) % req.parallel.pp
+    rank_of = _rank_of(req, plan)
     over = {r for r, peak in enumerate(plan.predicted.peak_memory_bytes)
             if peak > req.budget_bytes}
     placed = _placement(plan)
